@@ -1,0 +1,97 @@
+"""The base config every run starts from; each field is documented where it is set.
+
+Override any field from the command line: `--config.train.steps=400`. Fields not defined here
+are rejected before any work starts.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Seed of everything random: parameter-free data order, crops, flips, noise, timesteps.
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  # Hub id ("runwayml/stable-diffusion-v1-5"), a local diffusers-layout directory, or
+  # "builtin:tiny-sd" (a tiny random pipeline built on first use; demo and tests).
+  config.model.pretrained = "builtin:tiny-sd"
+  # Hub revision (branch, tag or commit); "" for the default branch. Ignored for local dirs.
+  config.model.revision = ""
+  # Compute dtype of the UNet, VAE and text encoder: "float32", "bfloat16" or "float16".
+  # Trained parameters and optimizer state always stay float32.
+  config.model.dtype = "float32"
+
+  config.data = ml_collections.ConfigDict()
+  # Folder of 3-5 subject photos (jpg, jpeg, png, webp), or "builtin:demo-toy" (generated).
+  config.data.instance_dir = ""
+  # Prompt for every instance photo; must contain data.identifier.
+  config.data.instance_prompt = "a photo of sks dog"
+  # The rare-token identifier that names the subject in instance_prompt.
+  config.data.identifier = "sks"
+  # Folder of class (prior-preservation) images; missing ones are generated into it.
+  # "" means workdir/class_images.
+  config.data.class_dir = ""
+  # Prompt of the class images, without the identifier.
+  config.data.class_prompt = "a photo of dog"
+  # How many class images to train with (generated if class_dir holds fewer).
+  config.data.num_class_images = 200
+  # Training image size in pixels (a multiple of 8, or of the VAE's downsampling factor).
+  config.data.resolution = 512
+  # Crop the resized image at its centre (true) or at a random place per step (false).
+  config.data.center_crop = True
+  # Flip each training image horizontally with probability 1/2.
+  config.data.random_flip = False
+
+  config.class_images = ml_collections.ConfigDict()
+  # Sampler and steps used to generate missing class images with the frozen model.
+  config.class_images.scheduler = "ddim"
+  config.class_images.num_inference_steps = 50
+  config.class_images.guidance_scale = 7.5
+  # Images generated per batch (over all devices; rounded up to a multiple of the device count).
+  config.class_images.batch_size = 8
+
+  config.train = ml_collections.ConfigDict()
+  # Optimizer steps.
+  config.train.steps = 800
+  # Instance images per step; as many class images are added when prior preservation is on.
+  # The global batch is padded with zero-weight rows to a multiple of the device count.
+  config.train.batch_size = 1
+  # Peak learning rate of AdamW (the paper uses 5e-6 for Stable Diffusion).
+  config.train.learning_rate = 5e-6
+  # "constant", "linear" (decay to 0) or "cosine" (decay to 0), after warmup.
+  config.train.lr_schedule = "constant"
+  # Linear warmup steps from 0 to learning_rate.
+  config.train.warmup_steps = 0
+  # Add λ · prior loss on class images (the paper's class-specific prior preservation).
+  config.train.with_prior_preservation = True
+  # λ, the weight of the prior-preservation loss (the paper uses 1).
+  config.train.prior_loss_weight = 1.0
+  # Also fine-tune the CLIP text encoder (same optimizer and learning rate).
+  config.train.train_text_encoder = False
+  # Global-norm gradient clipping threshold.
+  config.train.max_grad_norm = 1.0
+  # AdamW hyper-parameters.
+  config.train.adam_b1 = 0.9
+  config.train.adam_b2 = 0.999
+  config.train.adam_eps = 1e-8
+  config.train.weight_decay = 1e-2
+
+  config.checkpoint = ml_collections.ConfigDict()
+  # Save an Orbax checkpoint every this many steps (and always at the end).
+  config.checkpoint.every_steps = 200
+  # Checkpoints kept on disk (the newest ones).
+  config.checkpoint.max_to_keep = 2
+
+  config.log = ml_collections.ConfigDict()
+  # Write a metrics.jsonl row / TensorBoard scalars every this many steps (and the last step).
+  config.log.every_steps = 10
+
+  config.sample = ml_collections.ConfigDict()
+  # Prompts sampled from the exported pipeline at the end of training ([] = none).
+  config.sample.prompts = ()
+  config.sample.num_images = 4
+  config.sample.scheduler = "ddim"
+  config.sample.num_inference_steps = 50
+  config.sample.guidance_scale = 7.5
+  return config

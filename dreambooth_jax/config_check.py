@@ -1,0 +1,121 @@
+"""Validation of a config and workdir before any heavy work: one line naming the field."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import ml_collections
+
+from configs import common
+from dreambooth_jax import demo_data, input_pipeline, models
+
+DTYPES = ("float32", "bfloat16", "float16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+class ConfigError(ValueError):
+  """A config value or workdir that cannot work; the message names the field."""
+
+
+def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for unknown fields, wrong types and out-of-range values."""
+  known = _flatten(common.get_config())
+  given = _flatten(config)
+  for field in given:
+    _require(field in known, field, "unknown field (see configs/common.py for the fields)")
+  for field, default in known.items():
+    _require(field in given, field, "missing field")
+    value = given[field]
+    if isinstance(default, bool):
+      _require(isinstance(value, bool), field, f"must be true or false, got {value!r}")
+    elif _is_int(default):
+      _require(_is_int(value), field, f"must be an integer, got {value!r}")
+    elif isinstance(default, float):
+      _require(isinstance(value, (int, float)) and not isinstance(value, bool), field,
+               f"must be a number, got {value!r}")
+    elif isinstance(default, str):
+      _require(isinstance(value, str), field, f"must be a string, got {value!r}")
+
+  _require(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+  _require(bool(config.model.pretrained), "model.pretrained", "must be set")
+  data, train = config.data, config.train
+  _require(data.resolution >= 8 and data.resolution % 8 == 0, "data.resolution",
+           f"must be a positive multiple of 8, got {data.resolution}")
+  _require(bool(data.instance_prompt.strip()), "data.instance_prompt", "must not be empty")
+  _require(bool(data.identifier.strip()), "data.identifier", "must not be empty")
+  _require(re.search(rf"(^|\W){re.escape(data.identifier)}(\W|$)", data.instance_prompt)
+           is not None, "data.instance_prompt",
+           f"{data.instance_prompt!r} does not contain the identifier {data.identifier!r}")
+  _require(train.steps >= 1, "train.steps", f"must be >= 1, got {train.steps}")
+  _require(train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {train.batch_size}")
+  _require(train.learning_rate > 0, "train.learning_rate", "must be > 0")
+  _require(train.lr_schedule in LR_SCHEDULES, "train.lr_schedule",
+           f"must be one of {LR_SCHEDULES}, got {train.lr_schedule!r}")
+  _require(0 <= train.warmup_steps <= train.steps, "train.warmup_steps",
+           f"must be between 0 and train.steps ({train.steps}), got {train.warmup_steps}")
+  _require(train.prior_loss_weight >= 0, "train.prior_loss_weight",
+           f"must be >= 0, got {train.prior_loss_weight}")
+  _require(train.max_grad_norm > 0, "train.max_grad_norm", "must be > 0")
+  if train.with_prior_preservation:
+    _require(bool(data.class_prompt.strip()), "data.class_prompt", "must not be empty")
+    _require(data.num_class_images >= 1, "data.num_class_images",
+             f"must be >= 1 with prior preservation, got {data.num_class_images}")
+    _require(config.class_images.batch_size >= 1, "class_images.batch_size", "must be >= 1")
+    _require(config.class_images.num_inference_steps >= 1, "class_images.num_inference_steps",
+             "must be >= 1")
+    _require(config.class_images.scheduler in models.SAMPLING_SCHEDULERS,
+             "class_images.scheduler", f"must be one of {sorted(models.SAMPLING_SCHEDULERS)}")
+  _require(config.sample.scheduler in models.SAMPLING_SCHEDULERS, "sample.scheduler",
+           f"must be one of {sorted(models.SAMPLING_SCHEDULERS)}")
+  _require(isinstance(config.sample.prompts, (tuple, list)), "sample.prompts",
+           "must be a tuple of strings")
+  _require(config.sample.num_images >= 1, "sample.num_images", "must be >= 1")
+  _require(config.sample.num_inference_steps >= 1, "sample.num_inference_steps", "must be >= 1")
+  _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+  _require(config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1")
+  _require(config.log.every_steps >= 1, "log.every_steps", "must be >= 1")
+  if data.instance_dir != demo_data.BUILTIN_DEMO_TOY:
+    try:
+      paths = input_pipeline.list_images(data.instance_dir)
+    except input_pipeline.DataError as e:
+      raise ConfigError(f"config.{e}") from e
+    _require(bool(paths), "data.instance_dir",
+             f"{data.instance_dir} holds no images ({', '.join(input_pipeline.IMAGE_EXTENSIONS)})")
+  if os.path.isdir(config.model.pretrained):
+    try:
+      models.check_pipeline_dir(config.model.pretrained)
+    except models.ModelLoadError as e:
+      raise ConfigError(f"config.{e}") from e
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir must be (or be creatable as) a writable directory."""
+  if not workdir:
+    raise ConfigError("--workdir must be set")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir: {workdir} is a file, not a directory")
+  parent = workdir
+  while not os.path.exists(parent):
+    parent = os.path.dirname(os.path.abspath(parent))
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir: {parent} is not writable")

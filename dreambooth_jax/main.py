@@ -1,0 +1,35 @@
+"""Command line: python -m dreambooth_jax.main --config=configs/demo.py --workdir=/tmp/run."""
+
+from dreambooth_jax import quiet  # noqa: F401  pylint: disable=unused-import
+
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dreambooth_jax import cli_errors, models, train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, export, samples.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  jax.config.update("jax_compilation_cache_dir",
+                    os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                                   os.path.join(models.cache_dir(), "jax_cache")))
+  with cli_errors.one_line_errors():
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  workdir = os.path.abspath(FLAGS.workdir)
+  print(f"Done. Metrics: {workdir}/metrics.jsonl  checkpoints: {workdir}/checkpoints  "
+        f"pipeline: {workdir}/export  samples: {workdir}/samples", file=sys.stderr)
+  logging.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,50 @@
+"""Where training metrics go: workdir/metrics.jsonl (one JSON object per logged step) and
+TensorBoard event files (tensorboardX, so no TensorFlow is needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+  """Appends rows to metrics.jsonl and scalars/images to TensorBoard."""
+
+  def __init__(self, workdir: str):
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self._tensorboard = SummaryWriter(logdir=workdir, flush_secs=30)
+
+  def truncate_after(self, step: int) -> None:
+    """Drops rows logged after `step` (work redone after a resume), so no step appears twice."""
+    if not os.path.exists(self.jsonl_path):
+      return
+    with open(self.jsonl_path) as f:
+      rows = [line for line in f if line.strip()]
+    kept = []
+    for line in rows:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (ValueError, KeyError):
+        break  # a torn last line from a killed run
+    tmp_path = self.jsonl_path + ".tmp"
+    with open(tmp_path, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp_path, self.jsonl_path)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for name, value in scalars.items():
+      self._tensorboard.add_scalar(name, float(value), global_step=step)
+
+  def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+    self._tensorboard.add_image(name, image, global_step=step, dataformats="HWC")
+
+  def close(self) -> None:
+    self._tensorboard.close()

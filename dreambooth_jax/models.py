@@ -1,0 +1,292 @@
+"""Loading, exporting and (for tests and the demo) building Stable Diffusion components.
+
+Everything is loaded from a local directory in the diffusers layout; a hub id is first turned
+into one by downloading only the files we need. Per component, Flax weights are used when
+present, else PyTorch weights (safetensors or .bin) are converted on load, which needs torch
+(`pip install -e ".[torch]"`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+from dreambooth_jax import quiet  # noqa: F401  (must precede diffusers/transformers)
+
+import jax
+import jax.numpy as jnp
+from diffusers import (FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDDPMScheduler,
+                       FlaxDPMSolverMultistepScheduler, FlaxEulerDiscreteScheduler,
+                       FlaxLMSDiscreteScheduler, FlaxPNDMScheduler,
+                       FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_TINY = "builtin:tiny-sd"
+
+# Weight files per component, in order of preference (Flax first; PyTorch converted on load).
+_DIFFUSERS_FLAX = "diffusion_flax_model.msgpack"
+_DIFFUSERS_PT = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_TRANSFORMERS_FLAX = "flax_model.msgpack"
+_TRANSFORMERS_PT = ("model.safetensors", "pytorch_model.bin")
+
+SAMPLING_SCHEDULERS = {
+    "ddim": FlaxDDIMScheduler,
+    "dpm": FlaxDPMSolverMultistepScheduler,
+    "pndm": FlaxPNDMScheduler,
+    "euler": FlaxEulerDiscreteScheduler,
+    "lms": FlaxLMSDiscreteScheduler,
+}
+
+
+class ModelLoadError(ValueError):
+  """A pretrained model that cannot be used; the message names the path and the part."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+  """The module definitions (no weights) of one Stable Diffusion pipeline."""
+  tokenizer: CLIPTokenizer
+  text_encoder: FlaxCLIPTextModel
+  vae: FlaxAutoencoderKL
+  unet: FlaxUNet2DConditionModel
+  scheduler_config: dict[str, Any]
+
+  @property
+  def vae_scale_factor(self) -> int:
+    return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+  @property
+  def prediction_type(self) -> str:
+    return self.scheduler_config.get("prediction_type", "epsilon")
+
+  def noise_scheduler(self) -> FlaxDDPMScheduler:
+    """The training-time noise schedule, with the betas and prediction type of the model."""
+    config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+    return FlaxDDPMScheduler.from_config(config)
+
+  def sampling_scheduler(self, name: str):
+    if name not in SAMPLING_SCHEDULERS:
+      raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SAMPLING_SCHEDULERS)}")
+    config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+    return SAMPLING_SCHEDULERS[name].from_config(config)
+
+
+def cache_dir() -> str:
+  return os.environ.get("DREAMBOOTH_JAX_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "dreambooth_jax"))
+
+
+def resolve_pretrained(pretrained: str, revision: str | None = None) -> str:
+  """Returns a local diffusers-layout directory for a hub id, a local path or a builtin name."""
+  if pretrained.startswith(BUILTIN_PREFIX):
+    if pretrained != BUILTIN_TINY:
+      raise ModelLoadError(f"model.pretrained: unknown builtin model {pretrained!r}; "
+                           f"the only one is {BUILTIN_TINY!r}")
+    path = os.path.join(cache_dir(), "tiny-sd")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+      build_tiny_pipeline(path)
+    return path
+  if os.path.isdir(pretrained):
+    return pretrained
+  if os.path.exists(pretrained):
+    raise ModelLoadError(f"model.pretrained: {pretrained} is a file, not a diffusers directory")
+  if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
+    raise ModelLoadError(f"model.pretrained: {pretrained} is neither a local directory nor a "
+                         "hub id of the form owner/name")
+  return _download_from_hub(pretrained, revision)
+
+
+def _download_from_hub(repo_id: str, revision: str | None) -> str:
+  """Downloads configs, tokenizer files and one weight format per component."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  files = set(huggingface_hub.list_repo_files(repo_id, revision=revision))
+  patterns = ["model_index.json", "*/*.json", "*/*.txt"]
+  for component in ("unet", "vae"):
+    candidates = (_DIFFUSERS_FLAX,) + _DIFFUSERS_PT
+    patterns += [f"{component}/{_first_present(files, component, candidates)}"]
+  patterns += [f"text_encoder/{_first_present(files, 'text_encoder', (_TRANSFORMERS_FLAX,) + _TRANSFORMERS_PT)}"]
+  return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+
+
+def _first_present(files: set[str], component: str, candidates: tuple[str, ...]) -> str:
+  for name in candidates:
+    if f"{component}/{name}" in files:
+      return name
+  raise ModelLoadError(f"model.pretrained: the hub repo has no weights for {component} "
+                       f"(looked for {', '.join(candidates)})")
+
+
+def _weights_file(directory: str, component: str, candidates: tuple[str, ...]) -> str:
+  for name in candidates:
+    if os.path.isfile(os.path.join(directory, component, name)):
+      return os.path.join(directory, component, name)
+  raise ModelLoadError(f"model.pretrained: {os.path.join(directory, component)} has no weights "
+                       f"(looked for {', '.join(candidates)})")
+
+
+def check_pipeline_dir(directory: str) -> None:
+  """Fails with one line if a component folder or its config is missing (cheap, no weights)."""
+  required = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+              "tokenizer": "vocab.json", "scheduler": "scheduler_config.json"}
+  for component, config_file in required.items():
+    if not os.path.isfile(os.path.join(directory, component, config_file)):
+      raise ModelLoadError(f"model.pretrained: {directory} is missing component {component!r} "
+                           f"({component}/{config_file} not found)")
+
+
+def _load_diffusers_model(cls, directory: str, component: str, dtype):
+  weights = _weights_file(directory, component, (_DIFFUSERS_FLAX,) + _DIFFUSERS_PT)
+  if weights.endswith(_DIFFUSERS_FLAX):
+    return cls.from_pretrained(directory, subfolder=component, dtype=dtype, local_files_only=True)
+  try:
+    from diffusers.models.model_loading_utils import load_state_dict  # pylint: disable=g-import-not-at-top
+    from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # pylint: disable=g-import-not-at-top
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ModelLoadError(f"model.pretrained: {weights} is PyTorch; converting it needs torch "
+                         '(pip install -e ".[torch]")') from e
+  model = cls.from_config(cls.load_config(os.path.join(directory, component)), dtype=dtype)
+  params = convert_pytorch_state_dict_to_flax(load_state_dict(weights), model)
+  return model, params
+
+
+def _load_text_encoder(directory: str, dtype):
+  weights = _weights_file(directory, "text_encoder", (_TRANSFORMERS_FLAX,) + _TRANSFORMERS_PT)
+  from_pt = not weights.endswith(_TRANSFORMERS_FLAX)
+  if from_pt:
+    try:
+      import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise ModelLoadError(f"model.pretrained: {weights} is PyTorch; converting it needs torch "
+                           '(pip install -e ".[torch]")') from e
+  model = FlaxCLIPTextModel.from_pretrained(os.path.join(directory, "text_encoder"), dtype=dtype,
+                                            from_pt=from_pt, local_files_only=True)
+  return model, model.params
+
+
+def load_pretrained(pretrained: str, revision: str | None = None,
+                    dtype: str = "float32") -> tuple[Components, dict[str, Any]]:
+  """Returns the module definitions and float32 params {'unet', 'vae', 'text_encoder'}."""
+  directory = resolve_pretrained(pretrained, revision)
+  check_pipeline_dir(directory)
+  compute_dtype = jnp.dtype(dtype)
+  unet, unet_params = _load_diffusers_model(FlaxUNet2DConditionModel, directory, "unet",
+                                            compute_dtype)
+  vae, vae_params = _load_diffusers_model(FlaxAutoencoderKL, directory, "vae", compute_dtype)
+  text_encoder, text_params = _load_text_encoder(directory, compute_dtype)
+  tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
+  with open(os.path.join(directory, "scheduler", "scheduler_config.json")) as f:
+    scheduler_config = json.load(f)
+  components = Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                          scheduler_config=scheduler_config)
+  params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  return components, params
+
+
+def export_pipeline(components: Components, params: dict[str, Any], out_dir: str) -> None:
+  """Writes a complete FlaxStableDiffusionPipeline directory, atomically (tmp dir + rename)."""
+  tmp_dir = out_dir.rstrip("/") + ".tmp"
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  scheduler = FlaxDDIMScheduler.from_config(
+      {k: v for k, v in components.scheduler_config.items() if not k.startswith("_")})
+  pipeline = FlaxStableDiffusionPipeline(
+      vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+      unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None)
+  host_params = jax.device_get({k: params[k] for k in ("unet", "vae", "text_encoder")})
+  pipeline.save_pretrained(tmp_dir, params=host_params)
+  old_dir = out_dir.rstrip("/") + ".old"
+  shutil.rmtree(old_dir, ignore_errors=True)
+  if os.path.exists(out_dir):
+    os.rename(out_dir, old_dir)
+  os.rename(tmp_dir, out_dir)
+  shutil.rmtree(old_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny Stable-Diffusion-shaped pipeline used by the demo and the tests.
+
+TINY_WORDS = (
+    "a an the of on in at with and photo picture image painting drawing rendering sks toy dog "
+    "cat car bag bowl can boot backpack sunglasses teapot vase clock candle shoe beach snow "
+    "grass night city forest water table floor mountain street red blue green yellow orange "
+    "purple pink black white brown gray small big wet cube ball sphere box checkered striped "
+    "top front view close up shiny colorful old new sitting lying floating cute").split()
+
+
+def _tiny_tokenizer_files(directory: str) -> None:
+  """Writes vocab.json/merges.txt: CLIP byte-level BPE that keeps TINY_WORDS whole."""
+  from transformers.models.clip.tokenization_clip import bytes_to_unicode  # pylint: disable=g-import-not-at-top
+  byte_chars = list(bytes_to_unicode().values())
+  vocab = byte_chars + [c + "</w>" for c in byte_chars]
+  merges = []
+  for word in TINY_WORDS:
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(symbols) > 1:
+      pair = (symbols[0], symbols[1])
+      merged = pair[0] + pair[1]
+      if f"{pair[0]} {pair[1]}" not in merges:
+        merges.append(f"{pair[0]} {pair[1]}")
+        vocab.append(merged)
+      symbols = [merged] + symbols[2:]
+  vocab += ["<|startoftext|>", "<|endoftext|>"]
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "vocab.json"), "w") as f:
+    json.dump({token: i for i, token in enumerate(vocab)}, f)
+  with open(os.path.join(directory, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                 block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8,
+                 cross_attention_dim=32)
+TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+                latent_channels=4, layers_per_block=1, sample_size=32)
+TINY_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
+                      steps_offset=1, prediction_type="epsilon")
+
+
+def tiny_text_config(vocab_size: int) -> CLIPTextConfig:
+  return CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                        pad_token_id=vocab_size - 1)
+
+
+def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "epsilon") -> str:
+  """Builds a random-init SD-shaped pipeline (32 px images) and saves it like a hub repo.
+
+  Deterministic from `seed`; written to a temporary directory first so a crash never leaves a
+  half-built model behind.
+  """
+  tmp_dir = out_dir.rstrip("/") + f".tmp{os.getpid()}"
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  _tiny_tokenizer_files(os.path.join(tmp_dir, "tokenizer_src"))
+  tokenizer = CLIPTokenizer(os.path.join(tmp_dir, "tokenizer_src", "vocab.json"),
+                            os.path.join(tmp_dir, "tokenizer_src", "merges.txt"),
+                            model_max_length=77)
+  shutil.rmtree(os.path.join(tmp_dir, "tokenizer_src"))
+  rng_unet, rng_vae = jax.random.split(jax.random.key(seed))
+  unet = FlaxUNet2DConditionModel(**TINY_UNET)
+  vae = FlaxAutoencoderKL(**TINY_VAE)
+  text_encoder = FlaxCLIPTextModel(tiny_text_config(len(tokenizer)), seed=seed)
+  scheduler = FlaxDDIMScheduler.from_config(dict(TINY_SCHEDULER, prediction_type=prediction_type))
+  pipeline = FlaxStableDiffusionPipeline(
+      vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+      safety_checker=None, feature_extractor=None)
+  params = {"unet": unet.init_weights(rng_unet), "vae": vae.init_weights(rng_vae),
+            "text_encoder": text_encoder.params}
+  pipeline.save_pretrained(tmp_dir, params=params)
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+  os.rename(tmp_dir, out_dir)
+  return out_dir

@@ -1,0 +1,97 @@
+"""Text-to-image sampling with classifier-free guidance, sharded over the mesh.
+
+Used for class-image generation, for the sampling CLI and at the end of training. Each image's
+starting noise is keyed by its global index, so image k is the same whatever the batch size or
+device count: a resumed class-image generation re-makes exactly the missing files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from dreambooth_jax import input_pipeline, models, sharding
+
+
+def make_sampler(components: models.Components, mesh: jax.sharding.Mesh, resolution: int,
+                 scheduler_name: str = "ddim", num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5) -> Callable:
+  """sample(params, prompt_ids[N, L], image_ids[N], seed) → uint8 images [N, H, W, 3].
+
+  N must be a multiple of the mesh size (see `generate`, which pads).
+  """
+  scheduler = components.sampling_scheduler(scheduler_name)
+  latent_size = resolution // components.vae_scale_factor
+  latent_shape = (components.unet.config.in_channels, latent_size, latent_size)
+  scaling_factor = components.vae.config.scaling_factor
+  uncond_ids = jnp.asarray(input_pipeline.tokenize(components.tokenizer, ""))
+
+  def sample(params, prompt_ids, image_ids, seed):
+    text = lambda ids: components.text_encoder(ids, params=params["text_encoder"], train=False)[0]
+    cond = text(prompt_ids)
+    uncond = text(jnp.broadcast_to(uncond_ids, prompt_ids.shape))
+    context = jnp.concatenate([uncond, cond])
+    base_key = jax.random.PRNGKey(seed)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(base_key, image_ids)
+    latents = jax.vmap(lambda k: jax.random.normal(k, latent_shape))(keys)
+    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps,
+                                    shape=latents.shape)
+    latents = latents * state.init_noise_sigma
+
+    def denoise(i, carry):
+      latents, state = carry
+      t = state.timesteps[i]
+      model_input = scheduler.scale_model_input(state, jnp.concatenate([latents] * 2), t)
+      timesteps = jnp.broadcast_to(t, model_input.shape[:1])
+      noise_pred = components.unet.apply({"params": params["unet"]}, model_input, timesteps,
+                                         context, train=False).sample
+      uncond_pred, cond_pred = jnp.split(noise_pred, 2)
+      guided = uncond_pred + guidance_scale * (cond_pred - uncond_pred)
+      latents, state = scheduler.step(state, guided, t, latents).to_tuple()
+      return latents, state
+
+    latents, _ = jax.lax.fori_loop(0, num_inference_steps, denoise, (latents, state))
+    images = components.vae.apply({"params": params["vae"]}, latents / scaling_factor,
+                                  method=components.vae.decode).sample
+    images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return jnp.round(images * 255).astype(jnp.uint8)
+
+  batch = sharding.data_sharded(mesh)
+  return jax.jit(sample, in_shardings=(sharding.replicated(mesh), batch, batch, None),
+                 out_shardings=batch)
+
+
+def generate(sampler: Callable, params, mesh: jax.sharding.Mesh, prompt_ids: np.ndarray,
+             image_ids: Sequence[int], seed: int) -> np.ndarray:
+  """Runs `sampler` on one batch, padded to a multiple of the mesh size; returns host images."""
+  num = len(image_ids)
+  padded = -(-num // mesh.size) * mesh.size
+  ids = np.asarray(list(image_ids) + [image_ids[-1]] * (padded - num), np.int32)
+  prompts = np.concatenate([prompt_ids, np.repeat(prompt_ids[-1:], padded - num, axis=0)])
+  arrays = sharding.put_batch({"prompt_ids": prompts, "image_ids": ids}, mesh)
+  images = sampler(params, arrays["prompt_ids"], arrays["image_ids"], seed)
+  return np.asarray(jax.device_get(images))[:num]
+
+
+def write_png(image: np.ndarray, path: str) -> None:
+  """Writes a PNG atomically: a killed process leaves either the whole file or none."""
+  tmp_path = f"{path}.tmp{os.getpid()}"
+  Image.fromarray(image).save(tmp_path, format="PNG")
+  os.replace(tmp_path, path)
+
+
+def make_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+  """Tiles N×H×W×3 images into one picture, row-major, with `columns` per row."""
+  num, height, width, channels = images.shape
+  columns = columns or int(np.ceil(np.sqrt(num)))
+  rows = -(-num // columns)
+  grid = np.zeros((rows * height, columns * width, channels), images.dtype)
+  for index, image in enumerate(images):
+    row, column = divmod(index, columns)
+    grid[row * height:(row + 1) * height, column * width:(column + 1) * width] = image
+  return grid

@@ -1,0 +1,137 @@
+"""train_and_evaluate(config, workdir): a whole DreamBooth run, top to bottom.
+
+check config → load images and models → class images → sharded batches → jitted steps →
+checkpoints and metrics → export → samples. Running it again on the same workdir resumes from
+the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from dreambooth_jax import (checkpoints, class_images, config_check, demo_data, input_pipeline,
+                            metric_writer, models, sampling, sharding, train_step)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  os.replace(path + ".tmp", path)
+
+
+def write_samples(components: models.Components, params, mesh: jax.sharding.Mesh,
+                  prompts: list[str], num_images: int, out_dir: str, resolution: int,
+                  scheduler: str, num_inference_steps: int, guidance_scale: float,
+                  seed: int) -> np.ndarray:
+  """num_images PNGs per prompt plus grid.png (a row per prompt); returns the grid."""
+  os.makedirs(out_dir, exist_ok=True)
+  sampler = sampling.make_sampler(components, mesh, resolution, scheduler, num_inference_steps,
+                                  guidance_scale)
+  all_images = []
+  for prompt_index, prompt in enumerate(prompts):
+    ids = np.repeat(input_pipeline.tokenize(components.tokenizer, prompt)[None], num_images, 0)
+    images = sampling.generate(sampler, params, mesh, ids, list(range(num_images)), seed)
+    for index, image in enumerate(images):
+      sampling.write_png(image, os.path.join(out_dir, f"prompt{prompt_index}_{index:03d}.png"))
+    all_images.append(images)
+  grid = sampling.make_grid(np.concatenate(all_images), columns=num_images)
+  sampling.write_png(grid, os.path.join(out_dir, "grid.png"))
+  with open(os.path.join(out_dir, "prompts.json"), "w") as f:
+    json.dump({f"prompt{i}": p for i, p in enumerate(prompts)}, f, indent=2)
+  return grid
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_step.TrainState:
+  config_check.check_config(config)
+  config_check.check_workdir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  write_config(config, workdir)
+  data_config, train_config = config.data, config.train
+
+  instance_dir = demo_data.resolve_instance_dir(data_config.instance_dir)
+  instance_images = input_pipeline.load_images(input_pipeline.list_images(instance_dir),
+                                               data_config.resolution)
+  components, params = models.load_pretrained(config.model.pretrained,
+                                              config.model.revision or None, config.model.dtype)
+  if data_config.resolution % components.vae_scale_factor:
+    raise config_check.ConfigError(
+        f"config.data.resolution: {data_config.resolution} is not a multiple of the VAE's "
+        f"downsampling factor {components.vae_scale_factor}")
+  mesh = sharding.make_mesh()
+  logging.info("Mesh: %d devices (%s)", mesh.size, jax.devices()[0].platform)
+  params = sharding.put_replicated(params, mesh)
+
+  class_image_arrays = []
+  if train_config.with_prior_preservation:
+    class_dir = data_config.class_dir or os.path.join(workdir, "class_images")
+    class_paths = class_images.ensure_class_images(
+        class_dir, data_config.num_class_images, data_config.class_prompt, components, params,
+        mesh, data_config.resolution, config.class_images, config.seed)
+    class_image_arrays = input_pipeline.load_images(class_paths, data_config.resolution)
+  data = input_pipeline.DreamBoothData(
+      instance_images=instance_images, class_images=class_image_arrays,
+      instance_ids=input_pipeline.tokenize(components.tokenizer, data_config.instance_prompt),
+      class_ids=input_pipeline.tokenize(components.tokenizer, data_config.class_prompt),
+      batch_size=train_config.batch_size, resolution=data_config.resolution,
+      center_crop=data_config.center_crop, random_flip=data_config.random_flip,
+      seed=config.seed, pad_to_multiple=mesh.size)
+
+  optimizer = train_step.make_optimizer(train_config)
+  schedule = train_step.make_schedule(train_config)
+  frozen = train_step.frozen_params(params, train_config.train_text_encoder)
+  state = train_step.create_train_state(params, optimizer, config.seed,
+                                        train_config.train_text_encoder)
+  state = sharding.put_replicated(state, mesh)
+  manager = checkpoints.make_manager(workdir, config.checkpoint.max_to_keep)
+  restored = checkpoints.restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from %s at step %d", manager.directory, int(state.step))
+  start_step = int(jax.device_get(state.step))
+
+  writer = metric_writer.MetricWriter(workdir)
+  writer.truncate_after(start_step)
+  replicated = sharding.replicated(mesh)
+  step_fn = train_step.jit_train_step(
+      train_step.make_train_step(components, optimizer, schedule,
+                                 train_config.prior_loss_weight),
+      replicated, replicated, sharding.data_sharded(mesh), replicated)
+
+  last_log_time, last_log_step = time.perf_counter(), start_step
+  for step in tqdm(range(start_step, train_config.steps), initial=start_step,
+                   total=train_config.steps, desc="train", unit="step"):
+    state, metrics = step_fn(state, frozen, sharding.put_batch(data.batch(step), mesh))
+    done = step + 1
+    if done % config.log.every_steps == 0 or done == train_config.steps:
+      scalars = jax.device_get(metrics)
+      now = time.perf_counter()
+      scalars["steps_per_sec"] = (done - last_log_step) / (now - last_log_time)
+      last_log_time, last_log_step = now, done
+      writer.write_scalars(done, scalars)
+    if done % config.checkpoint.every_steps == 0:
+      checkpoints.save(manager, state)
+  checkpoints.save(manager, state)
+  manager.wait_until_finished()
+
+  trained_params = {**frozen, **state.params}
+  export_dir = os.path.join(workdir, "export")
+  models.export_pipeline(components, trained_params, export_dir)
+  logging.info("Exported the fine-tuned pipeline to %s", export_dir)
+  if config.sample.prompts:
+    grid = write_samples(components, trained_params, mesh, list(config.sample.prompts),
+                         config.sample.num_images, os.path.join(workdir, "samples"),
+                         data_config.resolution, config.sample.scheduler,
+                         config.sample.num_inference_steps, config.sample.guidance_scale,
+                         config.seed)
+    writer.write_image(train_config.steps, "samples", grid)
+  writer.close()
+  return state

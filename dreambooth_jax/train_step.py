@@ -1,0 +1,157 @@
+"""The training state, the DreamBooth loss and the jitted step.
+
+The loss is mean_i MSE(instance_i) + λ · mean_j MSE(prior_j), where MSE is the mean over one
+example's latent elements. Which rows are instance or prior examples is carried by masks in the
+batch, and each row's noise is keyed by its example id, so the number does not depend on the
+device count or on which device holds which row.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from dreambooth_jax import models
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: PyTree  # trained: {"unet": ..., "text_encoder": ...(only when trained)}
+  opt_state: PyTree
+  rng: jax.Array  # raw uint32[2] base key; each step folds in its step number
+
+
+def make_schedule(train_config) -> optax.Schedule:
+  peak, warmup, steps = (train_config.learning_rate, train_config.warmup_steps,
+                         train_config.steps)
+  decay_steps = max(steps - warmup, 1)
+  after_warmup = {
+      "constant": optax.constant_schedule(peak),
+      "linear": optax.linear_schedule(peak, 0.0, decay_steps),
+      "cosine": optax.cosine_decay_schedule(peak, decay_steps),
+  }[train_config.lr_schedule]
+  if warmup == 0:
+    return after_warmup
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after_warmup], [warmup])
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(train_config.max_grad_norm),
+      optax.adamw(make_schedule(train_config), b1=train_config.adam_b1, b2=train_config.adam_b2,
+                  eps=train_config.adam_eps, weight_decay=train_config.weight_decay))
+
+
+def trainable_names(train_text_encoder: bool) -> tuple[str, ...]:
+  return ("unet", "text_encoder") if train_text_encoder else ("unet",)
+
+
+def create_train_state(params: dict[str, PyTree], optimizer: optax.GradientTransformation,
+                       seed: int, train_text_encoder: bool) -> TrainState:
+  trained = {name: params[name] for name in trainable_names(train_text_encoder)}
+  return TrainState(step=jnp.asarray(0, jnp.int32), params=trained,
+                    opt_state=optimizer.init(trained), rng=jax.random.PRNGKey(seed))
+
+
+def per_example_mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
+  error = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+  return error.reshape(error.shape[0], -1).mean(axis=1)
+
+
+def combine_losses(mse: jax.Array, instance_mask: jax.Array, prior_mask: jax.Array,
+                   prior_loss_weight: float) -> dict[str, jax.Array]:
+  """mean over instance rows + λ · mean over prior rows; padding rows have both masks 0."""
+  instance_loss = jnp.sum(mse * instance_mask) / jnp.maximum(jnp.sum(instance_mask), 1.0)
+  prior_loss = jnp.sum(mse * prior_mask) / jnp.maximum(jnp.sum(prior_mask), 1.0)
+  return {"loss": instance_loss + prior_loss_weight * prior_loss,
+          "instance_loss": instance_loss, "prior_loss": prior_loss}
+
+
+def diffusion_target(scheduler, scheduler_state, prediction_type: str, latents, noise,
+                     timesteps):
+  if prediction_type == "epsilon":
+    return noise
+  if prediction_type == "v_prediction":
+    return scheduler.get_velocity(scheduler_state, latents, noise, timesteps)
+  raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
+
+
+def make_loss_fn(components: models.Components, prior_loss_weight: float) -> Callable:
+  """loss_fn(trained, frozen, batch, step_key) → (loss, metrics); pure."""
+  scheduler = components.noise_scheduler()
+  scheduler_state = scheduler.create_state()
+  num_train_timesteps = scheduler.config.num_train_timesteps
+  scaling_factor = components.vae.config.scaling_factor
+  prediction_type = components.prediction_type
+
+  def loss_fn(trained, frozen, batch, step_key):
+    params = {**frozen, **trained}
+    example_keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, batch["example_id"])
+    latent_keys, noise_keys, time_keys = jnp.moveaxis(
+        jax.vmap(lambda k: jax.random.split(k, 3))(example_keys), 1, 0)
+
+    latent_dist = components.vae.apply({"params": jax.lax.stop_gradient(params["vae"])},
+                                       batch["pixel_values"], method=components.vae.encode
+                                       ).latent_dist
+    mean = latent_dist.mean.astype(jnp.float32)
+    std = latent_dist.std.astype(jnp.float32)
+    latent_noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(latent_keys)
+    latents = jnp.transpose(mean + std * latent_noise, (0, 3, 1, 2)) * scaling_factor
+
+    noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:]))(noise_keys)
+    timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_train_timesteps))(time_keys)
+    noisy_latents = scheduler.add_noise(scheduler_state, latents, noise, timesteps)
+
+    text_params = params["text_encoder"]
+    if "text_encoder" not in trained:
+      text_params = jax.lax.stop_gradient(text_params)
+    encoder_hidden_states = components.text_encoder(
+        batch["input_ids"], params=text_params, train=False)[0]
+
+    prediction = components.unet.apply(
+        {"params": params["unet"]}, noisy_latents, timesteps, encoder_hidden_states,
+        train=False).sample
+    target = diffusion_target(scheduler, scheduler_state, prediction_type, latents, noise,
+                              timesteps)
+    metrics = combine_losses(per_example_mse(prediction, target), batch["instance_mask"],
+                             batch["prior_mask"], prior_loss_weight)
+    return metrics["loss"], metrics
+
+  return loss_fn
+
+
+def make_train_step(components: models.Components, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, prior_loss_weight: float) -> Callable:
+  """train_step(state, frozen, batch) → (state, metrics), not yet jitted."""
+  loss_fn = make_loss_fn(components, prior_loss_weight)
+
+  def train_step(state: TrainState, frozen: PyTree, batch: dict[str, jax.Array]):
+    step_key = jax.random.fold_in(state.rng, state.step)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, frozen, batch, step_key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   learning_rate=schedule(state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def frozen_params(params: dict[str, PyTree], train_text_encoder: bool) -> dict[str, PyTree]:
+  trained = trainable_names(train_text_encoder)
+  return {name: value for name, value in params.items() if name not in trained}
+
+
+def jit_train_step(train_step: Callable, state_sharding, frozen_sharding, batch_sharding,
+                   replicated_sharding) -> Callable:
+  return jax.jit(train_step,
+                 in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+                 out_shardings=(state_sharding, replicated_sharding),
+                 donate_argnums=(0,))
