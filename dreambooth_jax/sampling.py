@@ -7,6 +7,7 @@ device count: a resumed class-image generation re-makes exactly the missing file
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable, Sequence
 
@@ -94,4 +95,26 @@ def make_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
   for index, image in enumerate(images):
     row, column = divmod(index, columns)
     grid[row * height:(row + 1) * height, column * width:(column + 1) * width] = image
+  return grid
+
+
+def write_samples(components: models.Components, params, mesh: jax.sharding.Mesh,
+                  prompts: list[str], num_images: int, out_dir: str, resolution: int,
+                  scheduler: str, num_inference_steps: int, guidance_scale: float,
+                  seed: int) -> np.ndarray:
+  """num_images PNGs per prompt plus grid.png (a row per prompt); returns the grid."""
+  os.makedirs(out_dir, exist_ok=True)
+  sampler = make_sampler(components, mesh, resolution, scheduler, num_inference_steps,
+                         guidance_scale)
+  all_images = []
+  for prompt_index, prompt in enumerate(prompts):
+    ids = np.repeat(input_pipeline.tokenize(components.tokenizer, prompt)[None], num_images, 0)
+    images = generate(sampler, params, mesh, ids, list(range(num_images)), seed)
+    for index, image in enumerate(images):
+      write_png(image, os.path.join(out_dir, f"prompt{prompt_index}_{index:03d}.png"))
+    all_images.append(images)
+  grid = make_grid(np.concatenate(all_images), columns=num_images)
+  write_png(grid, os.path.join(out_dir, "grid.png"))
+  with open(os.path.join(out_dir, "prompts.json"), "w") as f:
+    json.dump({f"prompt{i}": p for i, p in enumerate(prompts)}, f, indent=2)
   return grid

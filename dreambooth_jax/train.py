@@ -7,7 +7,6 @@ the newest checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -26,28 +25,6 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(path + ".tmp", "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   os.replace(path + ".tmp", path)
-
-
-def write_samples(components: models.Components, params, mesh: jax.sharding.Mesh,
-                  prompts: list[str], num_images: int, out_dir: str, resolution: int,
-                  scheduler: str, num_inference_steps: int, guidance_scale: float,
-                  seed: int) -> np.ndarray:
-  """num_images PNGs per prompt plus grid.png (a row per prompt); returns the grid."""
-  os.makedirs(out_dir, exist_ok=True)
-  sampler = sampling.make_sampler(components, mesh, resolution, scheduler, num_inference_steps,
-                                  guidance_scale)
-  all_images = []
-  for prompt_index, prompt in enumerate(prompts):
-    ids = np.repeat(input_pipeline.tokenize(components.tokenizer, prompt)[None], num_images, 0)
-    images = sampling.generate(sampler, params, mesh, ids, list(range(num_images)), seed)
-    for index, image in enumerate(images):
-      sampling.write_png(image, os.path.join(out_dir, f"prompt{prompt_index}_{index:03d}.png"))
-    all_images.append(images)
-  grid = sampling.make_grid(np.concatenate(all_images), columns=num_images)
-  sampling.write_png(grid, os.path.join(out_dir, "grid.png"))
-  with open(os.path.join(out_dir, "prompts.json"), "w") as f:
-    json.dump({f"prompt{i}": p for i, p in enumerate(prompts)}, f, indent=2)
-  return grid
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_step.TrainState:
@@ -127,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   models.export_pipeline(components, trained_params, export_dir)
   logging.info("Exported the fine-tuned pipeline to %s", export_dir)
   if config.sample.prompts:
-    grid = write_samples(components, trained_params, mesh, list(config.sample.prompts),
+    grid = sampling.write_samples(components, trained_params, mesh, list(config.sample.prompts),
                          config.sample.num_images, os.path.join(workdir, "samples"),
                          data_config.resolution, config.sample.scheduler,
                          config.sample.num_inference_steps, config.sample.guidance_scale,

@@ -137,7 +137,7 @@ def make_train_step(components: models.Components, optimizer: optax.GradientTran
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, frozen, batch, step_key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,61 @@
+"""Shared fixtures: 8 fake CPU devices, one tiny pipeline per session, a persistent jit cache."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing at test time may reach the network
+os.environ["JAX_PLATFORMS"] = "cpu"
+# The builtin tiny model and drawn demo images are cached here once per machine, so that
+# subprocess runs of the CLI reuse the same files.
+os.environ.setdefault("DREAMBOOTH_JAX_CACHE",
+                      os.path.join(os.path.expanduser("~"), ".cache", "dreambooth_jax_tests"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.environ["DREAMBOOTH_JAX_CACHE"], "jax_cache"))
+
+from dreambooth_jax import quiet  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from configs import demo  # noqa: E402  pylint: disable=g-import-not-at-top
+from dreambooth_jax import demo_data, models  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> str:
+  """The builtin tiny SD pipeline, saved like a hub repo (built once, then reused)."""
+  return models.resolve_pretrained(models.BUILTIN_TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+  """(components, params) of the tiny pipeline."""
+  return models.load_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def instance_dir() -> str:
+  return demo_data.resolve_instance_dir(demo_data.BUILTIN_DEMO_TOY)
+
+
+@pytest.fixture
+def small_config(tiny_dir, instance_dir):
+  """The demo config cut down to seconds: 6 steps, 2 class images, 2-step samplers."""
+  config = demo.get_config()
+  config.model.pretrained = tiny_dir
+  config.data.instance_dir = instance_dir
+  config.data.num_class_images = 2
+  config.class_images.num_inference_steps = 2
+  config.train.steps = 6
+  config.train.batch_size = 1
+  config.train.warmup_steps = 2
+  config.train.lr_schedule = "linear"
+  config.checkpoint.every_steps = 3
+  config.log.every_steps = 1
+  config.sample.num_images = 2
+  config.sample.num_inference_steps = 2
+  return config

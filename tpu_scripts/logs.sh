@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Follow the training log of one TPU VM worker.
+set -euo pipefail
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
+
+EXTRA_VALUE_FLAGS="worker lines"
+
+usage() {
+  cat <<HELP
+Usage: $PROG --name NAME --zone ZONE [--worker N] [--lines N] [--project PROJECT] [--dry-run]
+
+Follows ~/$REMOTE_LOG (written by launch.sh) on one worker until you press Ctrl-C; the
+training keeps running:
+  gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=N
+         --command='tail -n LINES -f ~/$REMOTE_LOG' [--project=PROJECT]
+
+Flags of this script:
+  --worker N                worker index (default: 0; on a pod slice each host has its own log)
+  --lines N                 show the last N lines first (default: 100)
+
+$COMMON_FLAGS_HELP
+HELP
+}
+
+parse_args "$@"
+require_name_zone
+
+worker=${OPT_worker:-0}
+lines=${OPT_lines:-100}
+[[ "$worker" =~ ^[0-9]+$ ]] || die "--worker $worker: expected a worker index (0, 1, ...)"
+[[ "$lines" =~ ^[0-9]+$ ]] || die "--lines $lines: expected a number"
+
+ssh_workers "$worker" "tail -n $lines -f ~/$REMOTE_LOG"
