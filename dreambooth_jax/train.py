@@ -83,32 +83,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
                                  train_config.prior_loss_weight),
       replicated, replicated, sharding.data_sharded(mesh), replicated)
 
-  last_log_time, last_log_step = time.perf_counter(), start_step
-  for step in tqdm(range(start_step, train_config.steps), initial=start_step,
-                   total=train_config.steps, desc="train", unit="step"):
-    state, metrics = step_fn(state, frozen, sharding.put_batch(data.batch(step), mesh))
-    done = step + 1
-    if done % config.log.every_steps == 0 or done == train_config.steps:
-      scalars = jax.device_get(metrics)
-      now = time.perf_counter()
-      scalars["steps_per_sec"] = (done - last_log_step) / (now - last_log_time)
-      last_log_time, last_log_step = now, done
-      writer.write_scalars(done, scalars)
-    if done % config.checkpoint.every_steps == 0:
-      checkpoints.save(manager, state)
-  checkpoints.save(manager, state)
-  manager.wait_until_finished()
+  try:
+    last_log_time, last_log_step = time.perf_counter(), start_step
+    for step in tqdm(range(start_step, train_config.steps), initial=start_step,
+                     total=train_config.steps, desc="train", unit="step"):
+      state, metrics = step_fn(state, frozen, sharding.put_batch(data.batch(step), mesh))
+      done = step + 1
+      if done % config.log.every_steps == 0 or done == train_config.steps:
+        scalars = jax.device_get(metrics)
+        now = time.perf_counter()
+        scalars["steps_per_sec"] = (done - last_log_step) / (now - last_log_time)
+        last_log_time, last_log_step = now, done
+        writer.write_scalars(done, scalars)
+      if done % config.checkpoint.every_steps == 0:
+        checkpoints.save(manager, state)
+    checkpoints.save(manager, state)
+  finally:  # an in-flight async save completes even when the loop dies
+    manager.wait_until_finished()
 
   trained_params = {**frozen, **state.params}
   export_dir = os.path.join(workdir, "export")
   models.export_pipeline(components, trained_params, export_dir)
   logging.info("Exported the fine-tuned pipeline to %s", export_dir)
   if config.sample.prompts:
-    grid = sampling.write_samples(components, trained_params, mesh, list(config.sample.prompts),
-                         config.sample.num_images, os.path.join(workdir, "samples"),
-                         data_config.resolution, config.sample.scheduler,
-                         config.sample.num_inference_steps, config.sample.guidance_scale,
-                         config.seed)
+    grid = sampling.write_samples(
+        components, trained_params, mesh, list(config.sample.prompts), config.sample.num_images,
+        os.path.join(workdir, "samples"), data_config.resolution, config.sample.scheduler,
+        config.sample.num_inference_steps, config.sample.guidance_scale, config.seed)
     writer.write_image(train_config.steps, "samples", grid)
   writer.close()
   return state

@@ -42,8 +42,7 @@ def instance_dir() -> str:
   return demo_data.resolve_instance_dir(demo_data.BUILTIN_DEMO_TOY)
 
 
-@pytest.fixture
-def small_config(tiny_dir, instance_dir):
+def make_small_config(tiny_dir: str, instance_dir: str):
   """The demo config cut down to seconds: 6 steps, 2 class images, 2-step samplers."""
   config = demo.get_config()
   config.model.pretrained = tiny_dir
@@ -59,3 +58,8 @@ def small_config(tiny_dir, instance_dir):
   config.sample.num_images = 2
   config.sample.num_inference_steps = 2
   return config
+
+
+@pytest.fixture
+def small_config(tiny_dir, instance_dir):
+  return make_small_config(tiny_dir, instance_dir)

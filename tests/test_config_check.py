@@ -1,0 +1,242 @@
+"""config_check: every bad config or workdir fails early with one line naming the field, and the
+CLI turns that into `error: ...` on stderr, exit 2, and an untouched workdir."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from dreambooth_jax import config_check
+from dreambooth_jax.config_check import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _field_of(message: str) -> str:
+  """The leading `config.<field>` token of a one-line error."""
+  return message.split(":", 1)[0].split(" ", 1)[0]
+
+
+def expect_error(config, field: str) -> str:
+  with pytest.raises(ConfigError) as e:
+    config_check.check_config(config)
+  message = str(e.value)
+  assert "\n" not in message and "\r" not in message, message
+  assert message.startswith(f"config.{field}"), message
+  assert _field_of(message) == f"config.{field}", message
+  return message
+
+
+def test_small_config_is_accepted_unchanged(small_config):
+  before = small_config.to_json_best_effort(sort_keys=True)
+  assert config_check.check_config(small_config) is None
+  assert small_config.to_json_best_effort(sort_keys=True) == before
+
+
+def test_demo_config_with_builtins_is_accepted():
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config_check.check_config(demo.get_config())
+
+
+def test_unknown_field(small_config):
+  small_config.lock()
+  with small_config.unlocked():
+    small_config.train.bogus = 1
+  message = expect_error(small_config, "train.bogus")
+  assert message == "config.train.bogus: unknown field (see configs/common.py for the fields)"
+
+
+def test_unknown_top_level_section(small_config):
+  with small_config.unlocked():
+    small_config.extra = 3
+  expect_error(small_config, "extra")
+
+
+def test_resolution_not_multiple_of_8(small_config):
+  small_config.data.resolution = 100
+  message = expect_error(small_config, "data.resolution")
+  assert message == "config.data.resolution: must be a positive multiple of 8, got 100"
+
+
+@pytest.mark.parametrize("resolution", [0, -8, 4])
+def test_resolution_too_small(small_config, resolution):
+  small_config.data.resolution = resolution
+  expect_error(small_config, "data.resolution")
+
+
+def test_steps_zero(small_config):
+  small_config.train.steps = 0
+  small_config.train.warmup_steps = 0  # so that only steps is wrong
+  assert expect_error(small_config, "train.steps") == "config.train.steps: must be >= 1, got 0"
+
+
+def test_batch_size_zero(small_config):
+  small_config.train.batch_size = 0
+  message = expect_error(small_config, "train.batch_size")
+  assert message == "config.train.batch_size: must be >= 1, got 0"
+
+
+def test_negative_prior_loss_weight(small_config):
+  small_config.train.prior_loss_weight = -1
+  message = expect_error(small_config, "train.prior_loss_weight")
+  assert message.startswith("config.train.prior_loss_weight: must be >= 0, got -1")
+
+
+def test_bogus_lr_schedule(small_config):
+  small_config.train.lr_schedule = "bogus"
+  message = expect_error(small_config, "train.lr_schedule")
+  assert "'bogus'" in message and "cosine" in message
+
+
+def test_bad_dtype(small_config):
+  small_config.model.dtype = "int8"
+  message = expect_error(small_config, "model.dtype")
+  assert "float32" in message and "bfloat16" in message
+
+
+def test_warmup_longer_than_steps(small_config):
+  small_config.train.warmup_steps = small_config.train.steps + 1
+  message = expect_error(small_config, "train.warmup_steps")
+  assert message == "config.train.warmup_steps: must be between 0 and train.steps (6), got 7"
+
+
+def test_warmup_equal_to_steps_is_fine(small_config):
+  small_config.train.warmup_steps = small_config.train.steps
+  config_check.check_config(small_config)
+
+
+@pytest.mark.parametrize("prompt", ["a photo of dog", "a photo of sksdog", "a photo that asks"])
+def test_instance_prompt_without_identifier(small_config, prompt):
+  small_config.data.instance_prompt = prompt
+  message = expect_error(small_config, "data.instance_prompt")
+  assert message == (f"config.data.instance_prompt: {prompt!r} does not contain the "
+                     "identifier 'sks'")
+
+
+@pytest.mark.parametrize("prompt", ["sks", "sks dog", "a photo of sks", "a (sks) dog, photo"])
+def test_instance_prompt_with_identifier(small_config, prompt):
+  small_config.data.instance_prompt = prompt
+  config_check.check_config(small_config)
+
+
+@pytest.mark.parametrize("field,value,kind", [
+    ("train.steps", "10", "an integer"),
+    ("train.steps", 10.0, "an integer"),
+    ("train.learning_rate", "1e-4", "a number"),
+    ("data.center_crop", 1, "true or false"),
+    ("data.instance_prompt", 3, "a string"),
+])
+def test_wrong_type(small_config, field, value, kind):
+  section, name = field.split(".")
+  with small_config.ignore_type():
+    setattr(small_config[section], name, value)
+  assert small_config[section][name] == value and type(small_config[section][name]) is type(value)
+  message = expect_error(small_config, field)
+  assert message == f"config.{field}: must be {kind}, got {value!r}"
+
+
+def test_int_for_float_field_is_fine(small_config):
+  with small_config.ignore_type():
+    small_config.train.learning_rate = 1
+  config_check.check_config(small_config)
+
+
+def test_instance_dir_missing(small_config, tmp_path):
+  missing = str(tmp_path / "no_such_dir")
+  small_config.data.instance_dir = missing
+  message = expect_error(small_config, "data.instance_dir")
+  assert message == f"config.data.instance_dir: {missing} is not a directory"
+
+
+def test_instance_dir_unset(small_config):
+  small_config.data.instance_dir = ""
+  expect_error(small_config, "data.instance_dir")
+
+
+def test_instance_dir_without_images(small_config, tmp_path):
+  (tmp_path / "notes.txt").write_text("no images here")
+  (tmp_path / ".hidden.png").write_bytes(b"")
+  small_config.data.instance_dir = str(tmp_path)
+  message = expect_error(small_config, "data.instance_dir")
+  assert message.startswith(f"config.data.instance_dir: {tmp_path} holds no images")
+
+
+def test_pretrained_dir_missing_unet(small_config, tiny_dir, tmp_path):
+  broken = tmp_path / "pipeline"
+  shutil.copytree(tiny_dir, broken, ignore=shutil.ignore_patterns("*.msgpack"))
+  small_config.model.pretrained = str(broken)
+  config_check.check_config(small_config)  # the copy (configs only) passes ...
+  shutil.rmtree(broken / "unet")  # ... until a component folder goes
+  message = expect_error(small_config, "model.pretrained")
+  assert "'unet'" in message and str(broken) in message
+  assert message == (f"config.model.pretrained: {broken} is missing component 'unet' "
+                     "(unet/config.json not found)")
+
+
+def test_pretrained_unset(small_config):
+  small_config.model.pretrained = ""
+  expect_error(small_config, "model.pretrained")
+
+
+# ---------------------------------------------------------------------------------------------
+# check_workdir
+
+
+def test_check_workdir_file(tmp_path):
+  path = tmp_path / "a_file"
+  path.write_text("x")
+  with pytest.raises(ConfigError) as e:
+    config_check.check_workdir(str(path))
+  assert str(path) in str(e.value) and "\n" not in str(e.value)
+  assert str(e.value).startswith("--workdir")
+
+
+def test_check_workdir_empty():
+  with pytest.raises(ConfigError, match="--workdir"):
+    config_check.check_workdir("")
+
+
+def test_check_workdir_new_or_existing_dir_is_fine_and_not_created(tmp_path):
+  config_check.check_workdir(str(tmp_path))
+  nested = tmp_path / "a" / "b" / "run"
+  config_check.check_workdir(str(nested))
+  assert not (tmp_path / "a").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI (two subprocesses: each pays the jax/diffusers imports)
+
+
+def _run_cli(workdir, *flags):
+  return subprocess.run(
+      [sys.executable, "-m", "dreambooth_jax.main", "--config=configs/demo.py",
+       f"--workdir={workdir}", *flags],
+      cwd=str(REPO), env=dict(os.environ), capture_output=True, text=True, timeout=120)
+
+
+def _untouched(workdir: pathlib.Path) -> bool:
+  return not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_cli_unknown_field_fails_before_any_work(tmp_path):
+  workdir = tmp_path / "run"
+  result = _run_cli(workdir, "--config.train.bogus=1")
+  assert result.returncode != 0, result.stderr
+  assert "bogus" in result.stderr
+  assert _untouched(workdir)
+
+
+def test_cli_bad_resolution_is_one_line_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  result = _run_cli(workdir, "--config.data.resolution=100")
+  assert result.returncode == 2, result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert lines, result.stderr
+  assert lines[-1] == "error: config.data.resolution: must be a positive multiple of 8, got 100"
+  assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
+  assert "Traceback" not in result.stderr
+  assert "Done." not in result.stderr
+  assert _untouched(workdir)

@@ -1,0 +1,152 @@
+"""The trainer end to end: files on disk, exact resume, offline export, the CLIs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreambooth_jax import checkpoints, input_pipeline, train
+from tests import conftest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, small_config):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  state = train.train_and_evaluate(small_config, workdir)
+  return workdir, jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def small_config(tiny_dir, instance_dir):  # module-scoped: shared by the runs below
+  return conftest.make_small_config(tiny_dir, instance_dir)
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_run_writes_metrics_checkpoints_export_and_samples(straight_run):
+  workdir, state = straight_run
+  assert int(state.step) == 6
+  rows = _rows(workdir)
+  assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+  for key in ("loss", "instance_loss", "prior_loss", "learning_rate", "steps_per_sec",
+              "grad_norm"):
+    assert all(np.isfinite(row[key]) for row in rows), key
+  for row in rows:  # λ = 1
+    assert row["loss"] == pytest.approx(row["instance_loss"] + row["prior_loss"], rel=1e-5)
+  # warmup 2 then linear decay over 4 steps: lr at steps 0..5.
+  np.testing.assert_allclose([row["learning_rate"] for row in rows],
+                             [0, 5e-5, 1e-4, 7.5e-5, 5e-5, 2.5e-5], atol=1e-10)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  assert len(os.listdir(os.path.join(workdir, "class_images"))) == 2
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["train"]["steps"] == 6
+  export = os.path.join(workdir, "export")
+  assert sorted(os.listdir(export)) == ["model_index.json", "scheduler", "text_encoder",
+                                        "tokenizer", "unet", "vae"]
+  grid = Image.open(os.path.join(workdir, "samples", "grid.png"))
+  assert grid.size == (2 * 32, 32)
+  assert sorted(n for n in os.listdir(os.path.join(workdir, "samples")) if "_" in n) == [
+      "prompt0_000.png", "prompt0_001.png"]
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_interrupted_run_resumes_to_identical_state(straight_run, small_config, tmp_path,
+                                                    monkeypatch):
+  """Crash while building step 4's batch (after checkpoint 3, step 4 logged), rerun."""
+  workdir = str(tmp_path / "resumed")
+  original_batch = input_pipeline.DreamBoothData.batch
+  calls = []
+
+  def crashing_batch(self, step):
+    calls.append(step)
+    if step == 5 and len(calls) == 6:  # first run only: steps 0..4 done, crash at 5
+      raise _Crash()
+    return original_batch(self, step)
+
+  monkeypatch.setattr(input_pipeline.DreamBoothData, "batch", crashing_batch)
+  with pytest.raises(_Crash):
+    train.train_and_evaluate(small_config, workdir)
+  assert [row["step"] for row in _rows(workdir)] == [1, 2, 3, 4, 5]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+  assert not os.path.exists(os.path.join(workdir, "export"))
+
+  state = jax.device_get(train.train_and_evaluate(small_config, workdir))
+  assert calls[6:] == [3, 4, 5]  # resumed from checkpoint 3; steps 4 and 5 redone
+  _, straight_state = straight_run
+  assert int(state.step) == 6
+  jax.tree.map(np.testing.assert_array_equal, state.params, straight_state.params)
+  jax.tree.map(np.testing.assert_array_equal, state.opt_state, straight_state.opt_state)
+  rows, straight_rows = _rows(workdir), _rows(straight_run[0])
+  assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+  for row, straight_row in zip(rows, straight_rows):
+    for key in ("loss", "instance_loss", "prior_loss", "learning_rate", "grad_norm"):
+      assert row[key] == straight_row[key], (row["step"], key)
+
+
+def test_checkpoint_restores_exactly(straight_run):
+  workdir, state = straight_run
+  manager = checkpoints.make_manager(workdir, max_to_keep=2)
+  assert manager.latest_step() == 6
+  restored = jax.device_get(checkpoints.restore_latest(manager, state))
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+
+
+def test_export_loads_offline_in_diffusers_with_trained_weights(straight_run):
+  from diffusers import FlaxStableDiffusionPipeline  # pylint: disable=g-import-not-at-top
+  workdir, state = straight_run
+  assert os.environ["HF_HUB_OFFLINE"] == "1"
+  pipeline, params = FlaxStableDiffusionPipeline.from_pretrained(
+      os.path.join(workdir, "export"), safety_checker=None, feature_extractor=None)
+  jax.tree.map(np.testing.assert_array_equal, params["unet"], state.params["unet"])
+  assert type(pipeline.scheduler).__name__ == "FlaxDDIMScheduler"
+  prompt_ids = pipeline.prepare_inputs(["a photo of sks toy"])
+  images = pipeline(prompt_ids, params, jax.random.PRNGKey(0), num_inference_steps=2,
+                    height=32, width=32, jit=False).images
+  assert images.shape == (1, 32, 32, 3)
+  assert np.isfinite(np.asarray(images)).all()
+
+
+def _run_cli(args, env_extra=None, timeout=600):
+  env = dict(os.environ, **(env_extra or {}))
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False)
+
+
+def test_demo_cli_end_to_end_then_sample_cli(tmp_path):
+  workdir = tmp_path / "demo"
+  result = _run_cli(["dreambooth_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+                     "--config.train.steps=4", "--config.train.warmup_steps=1",
+                     "--config.checkpoint.every_steps=2",
+                     "--config.data.num_class_images=2",
+                     "--config.class_images.num_inference_steps=2",
+                     "--config.sample.num_inference_steps=2", "--config.sample.num_images=2"],
+                    env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"pipeline: {workdir}/export" in result.stderr
+  assert [row["step"] for row in _rows(workdir)] == [4]  # log every 5, and the last step
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert (workdir / "samples" / "grid.png").is_file()
+
+  out = tmp_path / "samples"
+  result = _run_cli(["dreambooth_jax.sample", f"--pipeline={workdir}/export",
+                     "--prompt=a photo of sks toy on the beach", "--prompt=a photo of toy",
+                     "--num_images=3", f"--out={out}", "--steps=2", "--scheduler=dpm"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  names = sorted(os.listdir(out))
+  assert names == ["grid.png", "prompt0_000.png", "prompt0_001.png", "prompt0_002.png",
+                   "prompt1_000.png", "prompt1_001.png", "prompt1_002.png", "prompts.json"]
+  assert Image.open(out / "grid.png").size == (3 * 32, 2 * 32)
