@@ -23,12 +23,12 @@ class DataError(ValueError):
 def list_images(directory: str, field: str = "data.instance_dir") -> list[str]:
   """Sorted image paths in `directory` (not recursive)."""
   if not directory:
-    raise DataError(f"{field} is not set")
+    raise DataError(f"{field}: not set")
   if not os.path.isdir(directory):
     raise DataError(f"{field}: {directory} is not a directory")
-  paths = sorted(os.path.join(directory, name) for name in os.listdir(directory)
-                 if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."))
-  return paths
+  return sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+                and os.path.isfile(os.path.join(directory, name)))
 
 
 def load_image(path: str, resolution: int) -> np.ndarray:

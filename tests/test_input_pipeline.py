@@ -56,10 +56,10 @@ def test_list_images_file_instead_of_dir(tmp_path):
 def test_list_images_unset_dir_names_field():
   with pytest.raises(DataError) as e:
     input_pipeline.list_images("")
-  assert str(e.value) == "data.instance_dir is not set"
+  assert str(e.value) == "data.instance_dir: not set"
   with pytest.raises(DataError) as e:
     input_pipeline.list_images("", field="data.class_dir")
-  assert str(e.value) == "data.class_dir is not set"
+  assert str(e.value) == "data.class_dir: not set"
 
 
 # ---------------------------------------------------------------------------------------------

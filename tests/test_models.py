@@ -37,7 +37,7 @@ def test_load_pretrained_components(tiny):
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
   ids = components.tokenizer("a photo of sks toy").input_ids
   assert ids[0] == components.tokenizer.bos_token_id and ids[-1] == components.tokenizer.eos_token_id
-  assert len(ids) == 6  # every word is one token in the tiny vocabulary
+  assert len(ids) == 7  # bos, 5 words of one token each in the tiny vocabulary, eos
 
 
 def test_missing_component_and_weights_are_named(tmp_path, tiny_dir):
@@ -66,35 +66,43 @@ def test_v_prediction_is_read_from_the_scheduler_config(tmp_path, tiny_dir):
   assert components.noise_scheduler().config.prediction_type == "v_prediction"
 
 
-def test_pytorch_safetensors_are_converted_on_load(tmp_path, tiny_dir, tiny):
-  """A PyTorch-only copy (safetensors) loads to the same function as the Flax original."""
+def test_pytorch_safetensors_are_converted_on_load(tmp_path, tiny_dir):
+  """A PyTorch-only pipeline (safetensors) loads into Flax modules that compute the same."""
   import torch  # pylint: disable=g-import-not-at-top  (the test extra installs it)
   import diffusers  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  components, params = tiny
   pt_dir = tmp_path / "pt"
   shutil.copytree(tiny_dir, pt_dir)
-  for name, cls in (("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL)):
-    model = cls.from_pretrained(str(pt_dir / name), from_flax=True)
-    os.remove(pt_dir / name / "diffusion_flax_model.msgpack")
-    model.save_pretrained(str(pt_dir / name), safe_serialization=True)
-  text = transformers.CLIPTextModel.from_pretrained(str(pt_dir / "text_encoder"), from_flax=True)
-  os.remove(pt_dir / "text_encoder" / "flax_model.msgpack")
-  text.save_pretrained(str(pt_dir / "text_encoder"), safe_serialization=True)
+  torch.manual_seed(0)
+  torch_models = {}
+  for name, cls, weights in (
+      ("unet", diffusers.UNet2DConditionModel, "diffusion_flax_model.msgpack"),
+      ("vae", diffusers.AutoencoderKL, "diffusion_flax_model.msgpack"),
+      ("text_encoder", transformers.CLIPTextModel, "flax_model.msgpack")):
+    if name == "text_encoder":
+      model = cls(transformers.CLIPTextConfig.from_pretrained(str(pt_dir / name)))
+    else:
+      model = cls.from_config(cls.load_config(str(pt_dir / name)))
+    os.remove(pt_dir / name / weights)
+    model.eval().save_pretrained(str(pt_dir / name), safe_serialization=True)
+    torch_models[name] = model
   assert (pt_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+  assert (pt_dir / "text_encoder" / "model.safetensors").is_file()
 
-  _, pt_params = models.load_pretrained(str(pt_dir))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), pt_params, params)
-  # And the PyTorch UNet computes what the converted Flax one computes.
-  unet = diffusers.UNet2DConditionModel.from_pretrained(str(pt_dir / "unet"))
+  components, params = models.load_pretrained(str(pt_dir))
   rng = np.random.default_rng(0)
   sample = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
   context = rng.standard_normal((1, 77, 32)).astype(np.float32)
+  ids = np.asarray([components.tokenizer("a photo of sks toy", padding="max_length").input_ids])
   with torch.no_grad():
-    expected = unet(torch.from_numpy(sample), 10, torch.from_numpy(context)).sample.numpy()
-  got = components.unet.apply({"params": pt_params["unet"]}, sample, np.asarray([10]),
-                              context).sample
-  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4)
+    unet_expected = torch_models["unet"](torch.from_numpy(sample), 10,
+                                         torch.from_numpy(context)).sample.numpy()
+    text_expected = torch_models["text_encoder"](torch.from_numpy(ids))[0].numpy()
+  unet_got = components.unet.apply({"params": params["unet"]}, sample, jax.numpy.asarray([10]),
+                                   context).sample
+  text_got = components.text_encoder(ids, params=params["text_encoder"])[0]
+  np.testing.assert_allclose(np.asarray(unet_got), unet_expected, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(text_got), text_expected, atol=1e-4)
 
 
 def test_export_is_atomic_and_replaces_an_old_export(tmp_path, tiny):

@@ -143,3 +143,28 @@ def test_lr_schedule_warmup_then_linear_decay():
   schedule = train_step.make_schedule(config)
   np.testing.assert_allclose([float(schedule(s)) for s in range(7)],
                              [0, 5e-5, 1e-4, 7.5e-5, 5e-5, 2.5e-5, 0], atol=1e-10)
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_text_encoder_changes_only_when_trained(tiny, train_text_encoder):
+  components, params = tiny
+  config = common.get_config()
+  config.train.learning_rate = 1e-3
+  optimizer = train_step.make_optimizer(config.train)
+  state = train_step.create_train_state(params, optimizer, 0, train_text_encoder)
+  frozen = train_step.frozen_params(params, train_text_encoder)
+  assert ("text_encoder" in state.params) == train_text_encoder
+  assert ("text_encoder" in frozen) != train_text_encoder
+  data = input_pipeline.DreamBoothData(
+      instance_images=_images(1, 2), class_images=[],
+      instance_ids=input_pipeline.tokenize(components.tokenizer, "a photo of sks toy"),
+      class_ids=input_pipeline.tokenize(components.tokenizer, "a photo of toy"),
+      batch_size=2, resolution=32, center_crop=True, random_flip=False, seed=0)
+  step = jax.jit(train_step.make_train_step(components, optimizer,
+                                            train_step.make_schedule(config.train), 1.0))
+  new_state, metrics = step(state, frozen, data.batch(0))
+  assert float(metrics["prior_loss"]) == 0.0  # no prior rows
+  text_params = new_state.params.get("text_encoder", frozen.get("text_encoder"))
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(text_params),
+                                                         jax.tree.leaves(params["text_encoder"])))
+  assert (moved > 1e-4) == train_text_encoder
