@@ -64,16 +64,19 @@ class Components:
   def prediction_type(self) -> str:
     return self.scheduler_config.get("prediction_type", "epsilon")
 
+  def _scheduler(self, cls):
+    """`cls` with the model's betas and prediction type (its config minus _class_name etc.)."""
+    return cls.from_config({k: v for k, v in self.scheduler_config.items()
+                            if not k.startswith("_")})
+
   def noise_scheduler(self) -> FlaxDDPMScheduler:
-    """The training-time noise schedule, with the betas and prediction type of the model."""
-    config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
-    return FlaxDDPMScheduler.from_config(config)
+    """The training-time noise schedule."""
+    return self._scheduler(FlaxDDPMScheduler)
 
   def sampling_scheduler(self, name: str):
     if name not in SAMPLING_SCHEDULERS:
       raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SAMPLING_SCHEDULERS)}")
-    config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
-    return SAMPLING_SCHEDULERS[name].from_config(config)
+    return self._scheduler(SAMPLING_SCHEDULERS[name])
 
 
 def cache_dir() -> str:
@@ -139,17 +142,21 @@ def check_pipeline_dir(directory: str) -> None:
                            f"({component}/{config_file} not found)")
 
 
-def _load_diffusers_model(cls, directory: str, component: str, dtype):
-  weights = _weights_file(directory, component, (_DIFFUSERS_FLAX,) + _DIFFUSERS_PT)
-  if weights.endswith(_DIFFUSERS_FLAX):
-    return cls.from_pretrained(directory, subfolder=component, dtype=dtype, local_files_only=True)
+def _require_torch(weights: str) -> None:
   try:
-    from diffusers.models.model_loading_utils import load_state_dict  # pylint: disable=g-import-not-at-top
-    from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # pylint: disable=g-import-not-at-top
     import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise ModelLoadError(f"model.pretrained: {weights} is PyTorch; converting it needs torch "
                          '(pip install -e ".[torch]")') from e
+
+
+def _load_diffusers_model(cls, directory: str, component: str, dtype):
+  weights = _weights_file(directory, component, (_DIFFUSERS_FLAX,) + _DIFFUSERS_PT)
+  if weights.endswith(_DIFFUSERS_FLAX):
+    return cls.from_pretrained(directory, subfolder=component, dtype=dtype, local_files_only=True)
+  _require_torch(weights)
+  from diffusers.models.model_loading_utils import load_state_dict  # pylint: disable=g-import-not-at-top
+  from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # pylint: disable=g-import-not-at-top
   model = cls.from_config(cls.load_config(os.path.join(directory, component)), dtype=dtype)
   params = convert_pytorch_state_dict_to_flax(load_state_dict(weights), model)
   return model, params
@@ -159,11 +166,7 @@ def _load_text_encoder(directory: str, dtype):
   weights = _weights_file(directory, "text_encoder", (_TRANSFORMERS_FLAX,) + _TRANSFORMERS_PT)
   from_pt = not weights.endswith(_TRANSFORMERS_FLAX)
   if from_pt:
-    try:
-      import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    except ImportError as e:
-      raise ModelLoadError(f"model.pretrained: {weights} is PyTorch; converting it needs torch "
-                           '(pip install -e ".[torch]")') from e
+    _require_torch(weights)
   model = FlaxCLIPTextModel.from_pretrained(os.path.join(directory, "text_encoder"), dtype=dtype,
                                             from_pt=from_pt, local_files_only=True)
   return model, model.params
@@ -193,11 +196,10 @@ def export_pipeline(components: Components, params: dict[str, Any], out_dir: str
   """Writes a complete FlaxStableDiffusionPipeline directory, atomically (tmp dir + rename)."""
   tmp_dir = out_dir.rstrip("/") + ".tmp"
   shutil.rmtree(tmp_dir, ignore_errors=True)
-  scheduler = FlaxDDIMScheduler.from_config(
-      {k: v for k, v in components.scheduler_config.items() if not k.startswith("_")})
   pipeline = FlaxStableDiffusionPipeline(
       vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-      unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None)
+      unet=components.unet, scheduler=components.sampling_scheduler("ddim"),
+      safety_checker=None, feature_extractor=None)
   host_params = jax.device_get({k: params[k] for k in ("unet", "vae", "text_encoder")})
   pipeline.save_pretrained(tmp_dir, params=host_params)
   old_dir = out_dir.rstrip("/") + ".old"
