@@ -11,6 +11,11 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Seed of everything random: parameter-free data order, crops, flips, noise, timesteps.
   config.seed = 0
+  # Resuming a workdir with a config whose math differs from the one it was started with
+  # (model, data, resolution, batch size, λ, learning rate, ...) is refused, naming the fields;
+  # true accepts the new values from the restored step on. train.steps, checkpoint.*, log.*,
+  # sample.* and class_images.batch_size may always change.
+  config.resume_ignore_changes = False
 
   config.model = ml_collections.ConfigDict()
   # Hub id ("runwayml/stable-diffusion-v1-5"), a local diffusers-layout directory, or
@@ -76,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.adam_b2 = 0.999
   config.train.adam_eps = 1e-8
   config.train.weight_decay = 1e-2
+  # A non-finite loss or gradient stops the run, naming the step, and keeps the last good
+  # checkpoint. true instead skips such steps (no update) and counts them in the metric
+  # `nonfinite_steps`.
+  config.train.skip_nonfinite_steps = False
 
   config.checkpoint = ml_collections.ConfigDict()
   # Save an Orbax checkpoint every this many steps (and always at the end).

@@ -8,13 +8,14 @@ generation resumes by making only the files that are not there, and makes the sa
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import jax
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from dreambooth_jax import input_pipeline, models, sampling
+from dreambooth_jax import faults, input_pipeline, models, preemption, sampling
 
 
 def missing_indices(class_dir: str, num_class_images: int) -> list[int]:
@@ -32,8 +33,12 @@ def missing_indices(class_dir: str, num_class_images: int) -> list[int]:
 
 def ensure_class_images(class_dir: str, num_class_images: int, class_prompt: str,
                         components: models.Components, params, mesh: jax.sharding.Mesh,
-                        resolution: int, class_config, seed: int) -> list[str]:
-  """Generates what class_dir lacks; returns the first num_class_images image paths."""
+                        resolution: int, class_config, seed: int,
+                        stop_requested: Callable[[], bool] = lambda: False) -> list[str]:
+  """Generates what class_dir lacks; returns the first num_class_images image paths.
+
+  Raises preemption.Preempted between batches once stop_requested() is true.
+  """
   os.makedirs(class_dir, exist_ok=True)
   for name in os.listdir(class_dir):
     if ".png.tmp" in name:  # left by a process killed mid-write
@@ -48,10 +53,15 @@ def ensure_class_images(class_dir: str, num_class_images: int, class_prompt: str
     batch_size = -(-class_config.batch_size // mesh.size) * mesh.size
     with tqdm(total=len(todo), desc="class images", unit="img") as progress:
       for start in range(0, len(todo), batch_size):
+        if stop_requested():
+          raise preemption.Preempted(
+              f"stopped generating class images with {len(todo) - start} still missing; "
+              "rerun the same command to make the rest")
         indices = todo[start:start + batch_size]
         prompts = np.repeat(prompt_ids[None], len(indices), axis=0)
         images = sampling.generate(sampler, params, mesh, prompts, indices, seed)
         for index, image in zip(indices, images):
-          sampling.write_png(image, os.path.join(class_dir, f"class_{index:05d}.png"))
+          sampling.write_png(image, os.path.join(class_dir, f"class_{index:05d}.png"),
+                             before_commit=lambda i=index: faults.at("class_image", i))
         progress.update(len(indices))
   return input_pipeline.list_images(class_dir, "data.class_dir")[:num_class_images]

@@ -1,15 +1,30 @@
-"""Turns the errors a user can fix (bad config, data, model path) into one line and exit 2."""
+"""How the CLIs end on an error: one line on stderr and an exit status that says what happened.
+
+2: an input to fix (config field, data file, model path). 1: the run failed (non-finite loss,
+checkpoint write, workdir held by another run). 143: stopped on SIGTERM with its state saved.
+"""
 
 import contextlib
 import sys
 
-from dreambooth_jax import config_check, input_pipeline, models
+from dreambooth_jax import (checkpoints, config_check, input_pipeline, models, preemption,
+                            train_step, workdir_lock)
+
+INPUT_ERRORS = (config_check.ConfigError, input_pipeline.DataError, models.ModelLoadError)
+RUN_ERRORS = (train_step.NonFiniteLossError, checkpoints.CheckpointError,
+              workdir_lock.WorkdirLockedError)
 
 
 @contextlib.contextmanager
 def one_line_errors():
   try:
     yield
-  except (config_check.ConfigError, input_pipeline.DataError, models.ModelLoadError) as e:
+  except INPUT_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except RUN_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except preemption.Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr)
+    sys.exit(preemption.EXIT_CODE)

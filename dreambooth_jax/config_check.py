@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -119,3 +120,32 @@ def check_workdir(workdir: str) -> None:
     parent = os.path.dirname(os.path.abspath(parent))
   if not os.access(parent, os.W_OK | os.X_OK):
     raise ConfigError(f"--workdir: {parent} is not writable")
+
+
+# Fields that may differ between a run and its resumption: they change neither the math of
+# the steps already taken nor the data they used.
+CHANGEABLE_ON_RESUME = ("resume_ignore_changes", "train.steps", "checkpoint.", "log.", "sample.",
+                        "class_images.batch_size")
+
+
+def changed_fields(previous: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """'field: old → new' for each field (beyond CHANGEABLE_ON_RESUME) that differs."""
+  old = _flatten(ml_collections.ConfigDict(previous))
+  new = _flatten(ml_collections.ConfigDict(json.loads(config.to_json_best_effort())))
+  changes = []
+  for field in sorted(set(old) | set(new)):
+    if field.startswith(CHANGEABLE_ON_RESUME) or field in CHANGEABLE_ON_RESUME:
+      continue
+    if old.get(field, "<unset>") != new.get(field, "<unset>"):
+      changes.append(f"{field}: {old.get(field, '<unset>')!r} → {new.get(field, '<unset>')!r}")
+  return changes
+
+
+def check_resume(previous: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """Raises ConfigError if resuming would silently change the math; returns accepted changes."""
+  changes = changed_fields(previous, config)
+  if changes and not config.resume_ignore_changes:
+    raise ConfigError(
+        f"config differs from the run this workdir holds ({'; '.join(changes)}); use the old "
+        "values, another --workdir, or --config.resume_ignore_changes=true")
+  return changes

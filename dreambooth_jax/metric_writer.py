@@ -14,12 +14,14 @@ from tensorboardX import SummaryWriter
 class MetricWriter:
   """Appends rows to metrics.jsonl and scalars/images to TensorBoard."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int = 0):
+    """Rows and events after start_step (work a resumed run redoes) are dropped first."""
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    self._tensorboard = SummaryWriter(logdir=workdir, flush_secs=30)
+    self._truncate_after(start_step)
+    self._tensorboard = SummaryWriter(logdir=workdir, flush_secs=30,
+                                      purge_step=start_step + 1 if start_step else None)
 
-  def truncate_after(self, step: int) -> None:
-    """Drops rows logged after `step` (work redone after a resume), so no step appears twice."""
+  def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.jsonl_path):
       return
     with open(self.jsonl_path) as f:
@@ -45,6 +47,9 @@ class MetricWriter:
 
   def write_image(self, step: int, name: str, image: np.ndarray) -> None:
     self._tensorboard.add_image(name, image, global_step=step, dataformats="HWC")
+
+  def flush(self) -> None:
+    self._tensorboard.flush()
 
   def close(self) -> None:
     self._tensorboard.close()

@@ -24,6 +24,8 @@ from diffusers import (FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDDPMScheduler,
                        FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
+from dreambooth_jax import faults
+
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_TINY = "builtin:tiny-sd"
@@ -202,6 +204,7 @@ def export_pipeline(components: Components, params: dict[str, Any], out_dir: str
       safety_checker=None, feature_extractor=None)
   host_params = jax.device_get({k: params[k] for k in ("unet", "vae", "text_encoder")})
   pipeline.save_pretrained(tmp_dir, params=host_params)
+  faults.at("export", 0)
   old_dir = out_dir.rstrip("/") + ".old"
   shutil.rmtree(old_dir, ignore_errors=True)
   if os.path.exists(out_dir):

@@ -79,10 +79,13 @@ def generate(sampler: Callable, params, mesh: jax.sharding.Mesh, prompt_ids: np.
   return np.asarray(jax.device_get(images))[:num]
 
 
-def write_png(image: np.ndarray, path: str) -> None:
+def write_png(image: np.ndarray, path: str,
+              before_commit: Callable[[], None] | None = None) -> None:
   """Writes a PNG atomically: a killed process leaves either the whole file or none."""
   tmp_path = f"{path}.tmp{os.getpid()}"
   Image.fromarray(image).save(tmp_path, format="PNG")
+  if before_commit is not None:
+    before_commit()
   os.replace(tmp_path, path)
 
 

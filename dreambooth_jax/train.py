@@ -1,115 +1,159 @@
 """train_and_evaluate(config, workdir): a whole DreamBooth run, top to bottom.
 
-check config → load images and models → class images → sharded batches → jitted steps →
-checkpoints and metrics → export → samples. Running it again on the same workdir resumes from
-the newest checkpoint.
+check config and images → lock the workdir → load models → class images → sharded batches →
+jitted steps → checkpoints and metrics → export → samples. Running it again on the same workdir
+resumes from the newest checkpoint and ends exactly where an uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from dreambooth_jax import (checkpoints, class_images, config_check, demo_data, input_pipeline,
-                            metric_writer, models, sampling, sharding, train_step)
+from dreambooth_jax import (checkpoints, class_images, config_check, demo_data, faults,
+                            input_pipeline, metric_writer, models, preemption, sampling, sharding,
+                            train_step, workdir_lock)
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes workdir/config.json, after refusing a resume whose config changes the math."""
   path = os.path.join(workdir, "config.json")
+  if os.path.exists(path) and _holds_results(workdir):
+    with open(path) as f:
+      previous = json.load(f)
+    for change in config_check.check_resume(previous, config):
+      logging.warning("Resuming with a changed config (resume_ignore_changes): %s", change)
   with open(path + ".tmp", "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   os.replace(path + ".tmp", path)
 
 
+def _holds_results(workdir: str) -> bool:
+  """Whether an earlier run left checkpoints or class images that the config produced."""
+  return any(os.path.isdir(os.path.join(workdir, name)) and os.listdir(os.path.join(workdir, name))
+             for name in ("checkpoints", "class_images"))
+
+
+def stop_if_nonfinite(state: train_step.TrainState, train_config,
+                      manager: checkpoints.ocp.CheckpointManager) -> None:
+  """Raises NonFiniteLossError once a step was NaN/Inf, unless such steps are to be skipped."""
+  if train_config.skip_nonfinite_steps:
+    return
+  count, first = jax.device_get((state.nonfinite_steps, state.first_nonfinite_step))
+  if count:
+    kept = manager.latest_step()
+    raise train_step.NonFiniteLossError(
+        f"non-finite loss or gradient at step {int(first)}; stopped without saving it. Newest "
+        f"good checkpoint: {'step ' + str(kept) if kept is not None else 'none'}. Lower "
+        "train.learning_rate, or set train.skip_nonfinite_steps=true to skip such steps")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_step.TrainState:
   config_check.check_config(config)
   config_check.check_workdir(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  write_config(config, workdir)
   data_config, train_config = config.data, config.train
-
   instance_dir = demo_data.resolve_instance_dir(data_config.instance_dir)
   instance_images = input_pipeline.load_images(input_pipeline.list_images(instance_dir),
                                                data_config.resolution)
-  components, params = models.load_pretrained(config.model.pretrained,
-                                              config.model.revision or None, config.model.dtype)
-  if data_config.resolution % components.vae_scale_factor:
-    raise config_check.ConfigError(
-        f"config.data.resolution: {data_config.resolution} is not a multiple of the VAE's "
-        f"downsampling factor {components.vae_scale_factor}")
-  mesh = sharding.make_mesh()
-  logging.info("Mesh: %d devices (%s)", mesh.size, jax.devices()[0].platform)
-  params = sharding.put_replicated(params, mesh)
+  # Every input is valid: from here on the workdir is written, by this process only.
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.hold(workdir), preemption.SigtermWatcher() as sigterm:
+    record_config(config, workdir)
+    components, params = models.load_pretrained(config.model.pretrained,
+                                                config.model.revision or None, config.model.dtype)
+    if data_config.resolution % components.vae_scale_factor:
+      raise config_check.ConfigError(
+          f"config.data.resolution: {data_config.resolution} is not a multiple of the VAE's "
+          f"downsampling factor {components.vae_scale_factor}")
+    mesh = sharding.make_mesh()
+    logging.info("Mesh: %d devices (%s)", mesh.size, jax.devices()[0].platform)
+    params = sharding.put_replicated(params, mesh)
 
-  class_image_arrays = []
-  if train_config.with_prior_preservation:
-    class_dir = data_config.class_dir or os.path.join(workdir, "class_images")
-    class_paths = class_images.ensure_class_images(
-        class_dir, data_config.num_class_images, data_config.class_prompt, components, params,
-        mesh, data_config.resolution, config.class_images, config.seed)
-    class_image_arrays = input_pipeline.load_images(class_paths, data_config.resolution)
-  data = input_pipeline.DreamBoothData(
-      instance_images=instance_images, class_images=class_image_arrays,
-      instance_ids=input_pipeline.tokenize(components.tokenizer, data_config.instance_prompt),
-      class_ids=input_pipeline.tokenize(components.tokenizer, data_config.class_prompt),
-      batch_size=train_config.batch_size, resolution=data_config.resolution,
-      center_crop=data_config.center_crop, random_flip=data_config.random_flip,
-      seed=config.seed, pad_to_multiple=mesh.size)
+    class_image_arrays = []
+    if train_config.with_prior_preservation:
+      class_dir = data_config.class_dir or os.path.join(workdir, "class_images")
+      class_paths = class_images.ensure_class_images(
+          class_dir, data_config.num_class_images, data_config.class_prompt, components, params,
+          mesh, data_config.resolution, config.class_images, config.seed,
+          stop_requested=lambda: sigterm.requested)
+      class_image_arrays = input_pipeline.load_images(class_paths, data_config.resolution)
+    data = input_pipeline.DreamBoothData(
+        instance_images=instance_images, class_images=class_image_arrays,
+        instance_ids=input_pipeline.tokenize(components.tokenizer, data_config.instance_prompt),
+        class_ids=input_pipeline.tokenize(components.tokenizer, data_config.class_prompt),
+        batch_size=train_config.batch_size, resolution=data_config.resolution,
+        center_crop=data_config.center_crop, random_flip=data_config.random_flip,
+        seed=config.seed, pad_to_multiple=mesh.size)
 
-  optimizer = train_step.make_optimizer(train_config)
-  schedule = train_step.make_schedule(train_config)
-  frozen = train_step.frozen_params(params, train_config.train_text_encoder)
-  state = train_step.create_train_state(params, optimizer, config.seed,
-                                        train_config.train_text_encoder)
-  state = sharding.put_replicated(state, mesh)
-  manager = checkpoints.make_manager(workdir, config.checkpoint.max_to_keep)
-  restored = checkpoints.restore_latest(manager, state)
-  if restored is not None:
-    state = restored
-    logging.info("Resumed from %s at step %d", manager.directory, int(state.step))
-  start_step = int(jax.device_get(state.step))
+    optimizer = train_step.make_optimizer(train_config)
+    schedule = train_step.make_schedule(train_config)
+    frozen = train_step.frozen_params(params, train_config.train_text_encoder)
+    state = train_step.create_train_state(params, optimizer, config.seed,
+                                          train_config.train_text_encoder)
+    state = sharding.put_replicated(state, mesh)
+    manager = checkpoints.make_manager(workdir, config.checkpoint.max_to_keep)
+    restored = checkpoints.restore_latest(manager, state)
+    if restored is not None:
+      state = restored
+      logging.info("Resumed from %s at step %d", manager.directory, int(state.step))
+    start_step = int(jax.device_get(state.step))
+    if start_step > train_config.steps:
+      raise config_check.ConfigError(
+          f"config.train.steps: {train_config.steps} is below step {start_step}, where this "
+          "workdir's newest checkpoint is")
 
-  writer = metric_writer.MetricWriter(workdir)
-  writer.truncate_after(start_step)
-  replicated = sharding.replicated(mesh)
-  step_fn = train_step.jit_train_step(
-      train_step.make_train_step(components, optimizer, schedule,
-                                 train_config.prior_loss_weight),
-      replicated, replicated, sharding.data_sharded(mesh), replicated)
+    writer = metric_writer.MetricWriter(workdir, start_step)
+    replicated = sharding.replicated(mesh)
+    step_fn = train_step.jit_train_step(
+        train_step.make_train_step(components, optimizer, schedule,
+                                   train_config.prior_loss_weight),
+        replicated, replicated, sharding.data_sharded(mesh), replicated)
 
-  try:
-    last_log_time, last_log_step = time.perf_counter(), start_step
-    for step in tqdm(range(start_step, train_config.steps), initial=start_step,
-                     total=train_config.steps, desc="train", unit="step"):
-      state, metrics = step_fn(state, frozen, sharding.put_batch(data.batch(step), mesh))
-      done = step + 1
-      if done % config.log.every_steps == 0 or done == train_config.steps:
-        scalars = jax.device_get(metrics)
-        now = time.perf_counter()
-        scalars["steps_per_sec"] = (done - last_log_step) / (now - last_log_time)
-        last_log_time, last_log_step = now, done
-        writer.write_scalars(done, scalars)
-      if done % config.checkpoint.every_steps == 0:
-        checkpoints.save(manager, state)
-    checkpoints.save(manager, state)
-  finally:  # an in-flight async save completes even when the loop dies
-    manager.wait_until_finished()
+    try:
+      last_log_time, last_log_step = time.perf_counter(), start_step
+      for step in tqdm(range(start_step, train_config.steps), initial=start_step,
+                       total=train_config.steps, desc="train", unit="step"):
+        state, metrics = step_fn(state, frozen, sharding.put_batch(data.batch(step), mesh))
+        done = step + 1
+        faults.at("step", done)
+        if done % config.log.every_steps == 0 or done == train_config.steps:
+          scalars = jax.device_get(metrics)
+          now = time.perf_counter()
+          scalars["steps_per_sec"] = (done - last_log_step) / (now - last_log_time)
+          last_log_time, last_log_step = now, done
+          writer.write_scalars(done, scalars)
+          stop_if_nonfinite(state, train_config, manager)
+        preempted = sigterm.requested or manager.reached_preemption(done)
+        if done % config.checkpoint.every_steps == 0 or preempted:
+          stop_if_nonfinite(state, train_config, manager)
+          checkpoints.save(manager, state)
+        if preempted:
+          checkpoints.wait(manager)
+          writer.flush()
+          raise preemption.Preempted(
+              f"stopped at step {done} of {train_config.steps} on SIGTERM; checkpoint saved "
+              f"in {manager.directory}; rerun the same command to resume")
+      stop_if_nonfinite(state, train_config, manager)
+      checkpoints.save(manager, state)
+    finally:  # an in-flight async save completes even when the loop dies
+      checkpoints.wait(manager)
+      writer.flush()
 
-  trained_params = {**frozen, **state.params}
-  export_dir = os.path.join(workdir, "export")
-  models.export_pipeline(components, trained_params, export_dir)
-  logging.info("Exported the fine-tuned pipeline to %s", export_dir)
-  if config.sample.prompts:
-    grid = sampling.write_samples(
-        components, trained_params, mesh, list(config.sample.prompts), config.sample.num_images,
-        os.path.join(workdir, "samples"), data_config.resolution, config.sample.scheduler,
-        config.sample.num_inference_steps, config.sample.guidance_scale, config.seed)
-    writer.write_image(train_config.steps, "samples", grid)
-  writer.close()
+    trained_params = {**frozen, **state.params}
+    export_dir = os.path.join(workdir, "export")
+    models.export_pipeline(components, trained_params, export_dir)
+    logging.info("Exported the fine-tuned pipeline to %s", export_dir)
+    if config.sample.prompts:
+      grid = sampling.write_samples(
+          components, trained_params, mesh, list(config.sample.prompts), config.sample.num_images,
+          os.path.join(workdir, "samples"), data_config.resolution, config.sample.scheduler,
+          config.sample.num_inference_steps, config.sample.guidance_scale, config.seed)
+      writer.write_image(train_config.steps, "samples", grid)
+    writer.close()
   return state

@@ -20,12 +20,18 @@ from dreambooth_jax import models
 PyTree = Any
 
 
+class NonFiniteLossError(RuntimeError):
+  """A step's loss or gradient was NaN or Inf and train.skip_nonfinite_steps is off."""
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
   params: PyTree  # trained: {"unet": ..., "text_encoder": ...(only when trained)}
   opt_state: PyTree
   rng: jax.Array  # raw uint32[2] base key; each step folds in its step number
+  nonfinite_steps: jax.Array  # steps whose loss or gradient was NaN/Inf (not applied)
+  first_nonfinite_step: jax.Array  # the first such step (1-based), 0 if none
 
 
 def make_schedule(train_config) -> optax.Schedule:
@@ -57,7 +63,9 @@ def create_train_state(params: dict[str, PyTree], optimizer: optax.GradientTrans
                        seed: int, train_text_encoder: bool) -> TrainState:
   trained = {name: params[name] for name in trainable_names(train_text_encoder)}
   return TrainState(step=jnp.asarray(0, jnp.int32), params=trained,
-                    opt_state=optimizer.init(trained), rng=jax.random.PRNGKey(seed))
+                    opt_state=optimizer.init(trained), rng=jax.random.PRNGKey(seed),
+                    nonfinite_steps=jnp.asarray(0, jnp.int32),
+                    first_nonfinite_step=jnp.asarray(0, jnp.int32))
 
 
 def per_example_mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
@@ -135,11 +143,22 @@ def make_train_step(components: models.Components, optimizer: optax.GradientTran
   def train_step(state: TrainState, frozen: PyTree, batch: dict[str, jax.Array]):
     step_key = jax.random.fold_in(state.rng, state.step)
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, frozen, batch, step_key)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                   learning_rate=schedule(state.step))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    # A NaN/Inf step leaves params and optimizer state as they were; the host decides whether
+    # to stop (the default) or go on, from the counters.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    nonfinite_steps = state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
+    first_nonfinite_step = jnp.where((state.first_nonfinite_step == 0) & ~finite,
+                                     state.step + 1, state.first_nonfinite_step)
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   nonfinite_steps=nonfinite_steps)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         nonfinite_steps=nonfinite_steps,
+                         first_nonfinite_step=first_nonfinite_step), metrics
 
   return train_step
 

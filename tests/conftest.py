@@ -1,5 +1,6 @@
 """Shared fixtures: 8 fake CPU devices, one tiny pipeline per session, a persistent jit cache."""
 
+import json
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -63,3 +64,17 @@ def make_small_config(tiny_dir: str, instance_dir: str):
 @pytest.fixture
 def small_config(tiny_dir, instance_dir):
   return make_small_config(tiny_dir, instance_dir)
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, tiny_dir, instance_dir):
+  """(workdir, final state) of one uninterrupted small run: what every resumed run must equal."""
+  from dreambooth_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  state = train.train_and_evaluate(make_small_config(tiny_dir, instance_dir), workdir)
+  return workdir, jax.device_get(state)
+
+
+def metric_rows(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]

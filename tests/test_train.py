@@ -16,21 +16,7 @@ from tests import conftest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, small_config):
-  workdir = str(tmp_path_factory.mktemp("straight"))
-  state = train.train_and_evaluate(small_config, workdir)
-  return workdir, jax.device_get(state)
-
-
-@pytest.fixture(scope="module")
-def small_config(tiny_dir, instance_dir):  # module-scoped: shared by the runs below
-  return conftest.make_small_config(tiny_dir, instance_dir)
-
-
-def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+_rows = conftest.metric_rows
 
 
 def test_run_writes_metrics_checkpoints_export_and_samples(straight_run):
@@ -64,32 +50,39 @@ class _Crash(Exception):
   pass
 
 
+@pytest.mark.parametrize("crash_at", [1, 3, 5])
 def test_interrupted_run_resumes_to_identical_state(straight_run, small_config, tmp_path,
-                                                    monkeypatch):
-  """Crash while building step 4's batch (after checkpoint 3, step 4 logged), rerun."""
+                                                    monkeypatch, crash_at):
+  """Crash while building the batch of step index `crash_at`, rerun: the same end state.
+
+  1: before any checkpoint (starts over); 3: just after checkpoint 3; 5: between checkpoints
+  (steps 4 and 5 are redone).
+  """
   workdir = str(tmp_path / "resumed")
   original_batch = input_pipeline.DreamBoothData.batch
   calls = []
 
   def crashing_batch(self, step):
     calls.append(step)
-    if step == 5 and len(calls) == 6:  # first run only: steps 0..4 done, crash at 5
+    if step == crash_at and len(calls) == crash_at + 1:  # first run only
       raise _Crash()
     return original_batch(self, step)
 
   monkeypatch.setattr(input_pipeline.DreamBoothData, "batch", crashing_batch)
   with pytest.raises(_Crash):
     train.train_and_evaluate(small_config, workdir)
-  assert [row["step"] for row in _rows(workdir)] == [1, 2, 3, 4, 5]
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+  assert [row["step"] for row in _rows(workdir)] == list(range(1, crash_at + 1))
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  expected_checkpoints = ["3"] if crash_at >= 3 else []
+  assert sorted(os.listdir(checkpoint_dir)) == expected_checkpoints
   assert not os.path.exists(os.path.join(workdir, "export"))
 
   state = jax.device_get(train.train_and_evaluate(small_config, workdir))
-  assert calls[6:] == [3, 4, 5]  # resumed from checkpoint 3; steps 4 and 5 redone
+  resumed_from = 3 if crash_at >= 3 else 0
+  assert calls[crash_at + 1:] == list(range(resumed_from, 6))
   _, straight_state = straight_run
   assert int(state.step) == 6
-  jax.tree.map(np.testing.assert_array_equal, state.params, straight_state.params)
-  jax.tree.map(np.testing.assert_array_equal, state.opt_state, straight_state.opt_state)
+  jax.tree.map(np.testing.assert_array_equal, state, straight_state)
   rows, straight_rows = _rows(workdir), _rows(straight_run[0])
   assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
   for row, straight_row in zip(rows, straight_rows):

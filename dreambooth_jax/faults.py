@@ -1,0 +1,53 @@
+"""Test-only fault injection, so the fault tests kill a run at an exact point, not by timing.
+
+Set DREAMBOOTH_JAX_FAULT to comma-separated `<point>:<index>:<action>` items, e.g.
+`step:4:kill` (SIGKILL right after step 4 is dispatched). Points:
+  step                after the step that brings the state to <index> is dispatched
+  checkpoint_commit   when the checkpoint of step <index> is written but not yet committed
+  export              when export/ is written to its temporary folder but not yet renamed
+  class_image         when class image <index> is written to its .tmp file but not renamed
+Actions: kill (SIGKILL), term (SIGTERM), hang (sleep until killed), enospc (raise "No space
+left on device"). Unset in normal runs, where `at` costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import signal
+import time
+
+ENV = "DREAMBOOTH_JAX_FAULT"
+
+
+@functools.cache
+def _faults(spec: str) -> dict[tuple[str, int], str]:
+  faults = {}
+  for item in filter(None, spec.split(",")):
+    point, index, action = item.split(":")
+    faults[(point, int(index))] = action
+  return faults
+
+
+def at(point: str, index: int) -> None:
+  """Does the fault configured for (point, index), if any."""
+  action = _faults(os.environ.get(ENV, "")).get((point, int(index)))
+  if action is None:
+    return
+  if action == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+  elif action == "term":
+    os.kill(os.getpid(), signal.SIGTERM)
+  elif action == "hang":
+    print(f"fault: hanging at {point}:{index}", flush=True)
+    while True:
+      time.sleep(1)
+  elif action == "enospc":
+    raise OSError(errno.ENOSPC, f"No space left on device (injected at {point}:{index})")
+  else:
+    raise ValueError(f"{ENV}: unknown action {action!r}")
+
+
+def enabled() -> bool:
+  return bool(os.environ.get(ENV))

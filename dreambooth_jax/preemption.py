@@ -1,0 +1,39 @@
+"""SIGTERM (a TPU VM maintenance event, `kill`, a scheduler) ends a run at a step boundary.
+
+The handler only records the request; the training loop finishes the step it is in, saves a
+checkpoint and raises Preempted, so the same command resumes from that step.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+EXIT_CODE = 143  # 128 + SIGTERM: what schedulers expect from a terminated job
+
+
+class Preempted(Exception):
+  """The run stopped early on request; its state is saved and it resumes when rerun."""
+
+
+class SigtermWatcher:
+  """Context manager: while active, SIGTERM sets `requested` instead of killing the process."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum: int, frame: FrameType | None) -> None:
+    del signum, frame
+    self.requested = True
+
+  def __enter__(self) -> "SigtermWatcher":
+    if threading.current_thread() is threading.main_thread():  # signals need the main thread
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
