@@ -1,0 +1,349 @@
+"""Faults done for real: SIGKILL and SIGTERM at chosen points, a second run on a held workdir,
+a full disk, NaN losses and config changes on resume. Every interrupted run must end where the
+uninterrupted one (conftest's straight_run) does, bit for bit.
+
+The subprocess runs share one workdir timeline (the module fixture), one fault per run:
+  1. kill -9 while class image 1 is being written (image 0 is complete)
+  2. a run hangs at step 5 (holding the lock); a second run is refused; kill -9 the first
+  3. kill -9 after checkpoint 6's files are written, before Orbax commits it
+  4. SIGTERM at step 4
+  5. kill -9 while export/ is being written
+  6. a clean run finishes the job
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dreambooth_jax import (checkpoints, config_check, faults, input_pipeline, train, train_step,
+                            workdir_lock)
+from tests import conftest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_rows = conftest.metric_rows
+
+
+def _small_flags(tiny_dir, instance_dir):
+  """The CLI flags giving conftest.make_small_config."""
+  return ["--config=configs/demo.py", f"--config.model.pretrained={tiny_dir}",
+          f"--config.data.instance_dir={instance_dir}", "--config.data.num_class_images=2",
+          "--config.class_images.num_inference_steps=2", "--config.train.steps=6",
+          "--config.train.batch_size=1", "--config.train.warmup_steps=2",
+          "--config.train.lr_schedule=linear", "--config.checkpoint.every_steps=3",
+          "--config.log.every_steps=1", "--config.sample.num_images=2",
+          "--config.sample.num_inference_steps=2"]
+
+
+def _command(workdir, flags):
+  return [sys.executable, "-m", "dreambooth_jax.main", f"--workdir={workdir}", *flags]
+
+
+def _env(fault=None):
+  env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+  if fault:
+    env[faults.ENV] = fault
+  return env
+
+
+def _run(workdir, flags, fault=None):
+  return subprocess.run(_command(workdir, flags), cwd=REPO, env=_env(fault), capture_output=True,
+                        text=True, timeout=600, check=False)
+
+
+def _listing(path):
+  return sorted(os.listdir(path)) if os.path.isdir(path) else None
+
+
+def _read(path):
+  with open(path, "rb") as f:
+    return f.read()
+
+
+@pytest.fixture(scope="module")
+def timeline(tmp_path_factory, tiny_dir, instance_dir, straight_run):
+  """Runs the six faulty/clean runs on one workdir and records what each left behind."""
+  workdir = str(tmp_path_factory.mktemp("faults") / "run")
+  flags = _small_flags(tiny_dir, instance_dir)
+  class_dir = os.path.join(workdir, "class_images")
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  seen = {}
+
+  # 1. kill -9 inside class-image generation.
+  result = _run(workdir, flags, fault="class_image:1:kill")
+  seen["class_kill"] = dict(returncode=result.returncode, class_files=_listing(class_dir),
+                            checkpoints=_listing(checkpoint_dir))
+  image0 = os.path.join(class_dir, "class_00000.png")
+  seen["class_kill"]["image0"] = (_read(image0), os.stat(image0).st_mtime_ns)
+
+  # 2. a live run holds the workdir; a second run is refused; then kill -9 mid-step.
+  with open(os.path.join(workdir, "hang.log"), "w") as log:
+    holder = subprocess.Popen(_command(workdir, flags), cwd=REPO, env=_env("step:5:hang"),
+                              stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+      line = holder.stdout.readline()  # blocks until the fault hook reports it is hanging
+      seen["hang_line"] = line.strip()
+      second = conftest.make_small_config(tiny_dir, instance_dir)
+      try:
+        train.train_and_evaluate(second, workdir)
+        seen["second_run_error"] = None
+      except workdir_lock.WorkdirLockedError as e:
+        seen["second_run_error"] = str(e)
+      seen["holder_pid"] = holder.pid
+      # Checkpoint 3's asynchronous save commits in the background while step 5 runs; kill
+      # only once it has, so that the kill lands mid-step with exactly one checkpoint.
+      deadline = time.monotonic() + 300
+      while not os.path.isdir(os.path.join(checkpoint_dir, "3")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    finally:
+      holder.send_signal(signal.SIGKILL)
+      holder.wait(timeout=60)
+  seen["step_kill"] = dict(returncode=holder.returncode, checkpoints=_listing(checkpoint_dir),
+                           rows=[row["step"] for row in _rows(workdir)],
+                           class_files=_listing(class_dir),
+                           image0=(_read(image0), os.stat(image0).st_mtime_ns),
+                           image1=_read(os.path.join(class_dir, "class_00001.png")))
+
+  # 3. kill -9 during the asynchronous save of checkpoint 6, before its commit.
+  result = _run(workdir, flags, fault="checkpoint_commit:6:kill")
+  seen["commit_kill"] = dict(returncode=result.returncode, stderr=result.stderr,
+                             checkpoints=_listing(checkpoint_dir),
+                             rows=[row["step"] for row in _rows(workdir)])
+
+  # 4. SIGTERM at step 4.
+  result = _run(workdir, flags, fault="step:4:term")
+  seen["sigterm"] = dict(returncode=result.returncode, stderr=result.stderr,
+                         checkpoints=_listing(checkpoint_dir),
+                         rows=[row["step"] for row in _rows(workdir)])
+
+  # 5. kill -9 while export/ is being written.
+  result = _run(workdir, flags, fault="export:0:kill")
+  seen["export_kill"] = dict(returncode=result.returncode, workdir=_listing(workdir),
+                             checkpoints=_listing(checkpoint_dir),
+                             rows=[row["step"] for row in _rows(workdir)])
+
+  # 6. the same command, no fault.
+  result = _run(workdir, flags)
+  seen["final"] = dict(returncode=result.returncode, stderr=result.stderr,
+                       workdir=_listing(workdir), checkpoints=_listing(checkpoint_dir))
+  return workdir, seen
+
+
+def test_kill_during_class_images_regenerates_only_the_missing_one(timeline, straight_run):
+  workdir, seen = timeline
+  killed = seen["class_kill"]
+  assert killed["returncode"] == -signal.SIGKILL
+  assert killed["checkpoints"] is None  # killed before training
+  assert killed["class_files"][0] == "class_00000.png"
+  assert len(killed["class_files"]) == 2 and killed["class_files"][1].startswith(
+      "class_00001.png.tmp")  # the half-written file, never under its final name
+  after = seen["step_kill"]
+  assert after["class_files"] == ["class_00000.png", "class_00001.png"]  # .tmp cleaned
+  assert after["image0"] == killed["image0"]  # untouched: same bytes, same mtime
+  straight_class_dir = os.path.join(straight_run[0], "class_images")
+  assert after["image1"] == _read(os.path.join(straight_class_dir, "class_00001.png"))
+  assert after["image0"][0] == _read(os.path.join(straight_class_dir, "class_00000.png"))
+
+
+def test_second_run_on_a_held_workdir_fails_naming_the_holder(timeline):
+  _, seen = timeline
+  assert seen["hang_line"] == "fault: hanging at step:5"
+  error = seen["second_run_error"]
+  assert error is not None and "\n" not in error
+  assert f"is in use by pid {seen['holder_pid']} on " in error
+
+
+def test_kill_during_a_step_keeps_the_last_checkpoint(timeline):
+  _, seen = timeline
+  killed = seen["step_kill"]
+  assert killed["returncode"] == -signal.SIGKILL
+  assert killed["checkpoints"] == ["3"]
+  assert killed["rows"] == [1, 2, 3, 4]  # step 5 was in flight when killed
+  # The next run found the dead holder's lock file and took it over.
+  assert "Taking over the lock of pid " in seen["commit_kill"]["stderr"]
+
+
+def test_kill_during_checkpoint_commit_leaves_only_a_temporary_folder(timeline):
+  _, seen = timeline
+  killed = seen["commit_kill"]
+  assert killed["returncode"] == -signal.SIGKILL
+  assert killed["checkpoints"][0] == "3"
+  assert [name for name in killed["checkpoints"] if name != "3"] == [
+      "6.orbax-checkpoint-tmp"]  # written, not committed: never listed as step 6
+  assert killed["rows"] == [1, 2, 3, 4, 5, 6]
+  # The next run resumed from 3 (not from the uncommitted 6) and removed the temporary folder.
+  assert seen["sigterm"]["checkpoints"] == ["3", "4"]
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_clearly(timeline):
+  _, seen = timeline
+  stopped = seen["sigterm"]
+  assert stopped["returncode"] == 143
+  last_line = stopped["stderr"].strip().splitlines()[-1]
+  assert last_line.startswith("preempted: stopped at step 4 of 6 on SIGTERM; checkpoint saved")
+  assert stopped["checkpoints"] == ["3", "4"]
+  assert stopped["rows"] == [1, 2, 3, 4]  # rows 5 and 6 of the killed run 3 were dropped
+
+
+def test_kill_during_export_is_rewritten_by_the_next_run(timeline, straight_run):
+  workdir, seen = timeline
+  killed = seen["export_kill"]
+  assert killed["returncode"] == -signal.SIGKILL
+  assert "export.tmp" in killed["workdir"] and "export" not in killed["workdir"]
+  assert killed["checkpoints"] == ["4", "6"]
+  final = seen["final"]
+  assert final["returncode"] == 0, final["stderr"][-3000:]
+  assert "export" in final["workdir"] and "export.tmp" not in final["workdir"]
+  assert "lock" not in final["workdir"] or os.path.getsize(os.path.join(workdir, "lock")) == 0
+  from diffusers import FlaxStableDiffusionPipeline  # pylint: disable=g-import-not-at-top
+  _, params = FlaxStableDiffusionPipeline.from_pretrained(
+      os.path.join(workdir, "export"), safety_checker=None, feature_extractor=None)
+  jax.tree.map(np.testing.assert_array_equal, params["unet"], straight_run[1].params["unet"])
+
+
+def test_after_every_fault_the_run_ends_bitwise_equal_to_a_straight_run(timeline, straight_run):
+  workdir, seen = timeline
+  straight_workdir, straight_state = straight_run
+  assert seen["final"]["checkpoints"] == ["4", "6"]
+  manager = checkpoints.make_manager(workdir, max_to_keep=2)
+  restored = jax.device_get(checkpoints.restore_latest(manager, straight_state))
+  jax.tree.map(np.testing.assert_array_equal, restored, straight_state)
+  rows, straight_rows = _rows(workdir), _rows(straight_workdir)
+  assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+  for row, straight_row in zip(rows, straight_rows):
+    row.pop("steps_per_sec"), straight_row.pop("steps_per_sec")
+    assert row == straight_row
+
+
+# ------------------------------------------------------------------------------------------
+# In-process faults: a full disk, NaN losses, config changes on resume.
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(straight_run, small_config,
+                                                               tmp_path, monkeypatch):
+  workdir = str(tmp_path / "full")
+  small_config.checkpoint.max_to_keep = 1  # so that the old checkpoint is the only copy
+  monkeypatch.setenv(faults.ENV, "checkpoint_commit:6:enospc")
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    train.train_and_evaluate(small_config, workdir)
+  message = str(error.value)
+  assert "No space left on device" in message and "kept: step 3" in message
+  assert "\n" not in message
+  assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
+  assert not os.path.exists(os.path.join(workdir, "export"))
+
+  monkeypatch.delenv(faults.ENV)  # space freed: the same command resumes from step 3
+  state = jax.device_get(train.train_and_evaluate(small_config, workdir))
+  jax.tree.map(np.testing.assert_array_equal, state, straight_run[1])
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
+
+
+def _nan_at_step(monkeypatch, nan_step):
+  """Makes the batch of step `nan_step` (1-based) all NaN pixels, as a broken input would."""
+  original_batch = input_pipeline.DreamBoothData.batch
+
+  def batch(self, step):
+    result = original_batch(self, step)
+    if step + 1 == nan_step:
+      result = dict(result, pixel_values=np.full_like(result["pixel_values"], np.nan))
+    return result
+
+  monkeypatch.setattr(input_pipeline.DreamBoothData, "batch", batch)
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_good_checkpoint(
+    small_config, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "nan")
+  _nan_at_step(monkeypatch, 5)
+  with pytest.raises(train_step.NonFiniteLossError, match=r"non-finite loss or gradient at step "
+                     r"5; stopped without saving it\. Newest good checkpoint: step 3\."):
+    train.train_and_evaluate(small_config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+  rows = _rows(workdir)
+  assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+  assert np.isnan(rows[-1]["loss"]) and rows[-1]["nonfinite_steps"] == 1
+  assert not os.path.exists(os.path.join(workdir, "export"))
+
+
+def test_nan_steps_can_be_skipped_and_counted(small_config, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "skip")
+  small_config.train.skip_nonfinite_steps = True
+  small_config.checkpoint.every_steps = 1
+  small_config.checkpoint.max_to_keep = 6
+  _nan_at_step(monkeypatch, 5)
+  state = jax.device_get(train.train_and_evaluate(small_config, workdir))
+  assert int(state.step) == 6 and int(state.nonfinite_steps) == 1
+  assert int(state.first_nonfinite_step) == 5
+  assert [row["nonfinite_steps"] for row in _rows(workdir)] == [0, 0, 0, 0, 1, 1]
+  manager = checkpoints.make_manager(workdir, max_to_keep=6)
+  after = {step: jax.device_get(manager.restore(step)) for step in (4, 5, 6)}
+  # Step 5 changed nothing but the counters; step 6 trained again.
+  jax.tree.map(np.testing.assert_array_equal, after[5]["params"], after[4]["params"])
+  jax.tree.map(np.testing.assert_array_equal, after[5]["opt_state"], after[4]["opt_state"])
+  assert not np.array_equal(after[6]["params"]["unet"]["conv_in"]["kernel"],
+                            after[5]["params"]["unet"]["conv_in"]["kernel"])
+
+
+def test_resume_with_changed_math_is_refused_naming_old_and_new_values(straight_run, small_config,
+                                                                      tmp_path):
+  workdir = str(tmp_path / "changed")
+  shutil.copytree(straight_run[0], workdir)
+  before = {name: os.stat(os.path.join(workdir, name)).st_mtime_ns
+            for name in ("config.json", "metrics.jsonl")}
+  small_config.train.learning_rate = 2e-4
+  small_config.data.resolution = 64
+  with pytest.raises(config_check.ConfigError) as error:
+    train.train_and_evaluate(small_config, workdir)
+  message = str(error.value)
+  assert "\n" not in message
+  assert "data.resolution: 32 → 64" in message
+  assert "train.learning_rate: 0.0001 → 0.0002" in message
+  assert "--config.resume_ignore_changes=true" in message
+  assert {name: os.stat(os.path.join(workdir, name)).st_mtime_ns for name in before} == before
+
+
+def test_resume_ignore_changes_accepts_and_records_the_new_config(small_config, tmp_path):
+  workdir = str(tmp_path)
+  os.makedirs(os.path.join(workdir, "checkpoints", "3"))
+  train.record_config(small_config, workdir)
+  changed = conftest.make_small_config(small_config.model.pretrained,
+                                       small_config.data.instance_dir)
+  changed.train.prior_loss_weight = 0.5
+  changed.train.steps = 9  # always allowed
+  changed.log.every_steps = 2  # always allowed
+  with pytest.raises(config_check.ConfigError, match=r"train.prior_loss_weight: 1.0 → 0.5\)"):
+    train.record_config(changed, workdir)
+  changed.resume_ignore_changes = True
+  train.record_config(changed, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert '"prior_loss_weight": 0.5' in f.read()
+  changed.resume_ignore_changes = False  # the recorded config is now the reference
+  train.record_config(changed, workdir)
+
+
+def test_more_steps_extend_a_finished_run(straight_run, small_config, tmp_path):
+  workdir = str(tmp_path / "extended")
+  shutil.copytree(straight_run[0], workdir)
+  small_config.train.steps = 7
+  state = jax.device_get(train.train_and_evaluate(small_config, workdir))
+  assert int(state.step) == 7
+  assert [row["step"] for row in _rows(workdir)] == [1, 2, 3, 4, 5, 6, 7]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6", "7"]
+  small_config.train.steps = 5
+  with pytest.raises(config_check.ConfigError, match=r"config.train.steps: 5 is below step 7"):
+    train.train_and_evaluate(small_config, workdir)
+
+
+def test_lock_is_exclusive_and_released(tmp_path):
+  with workdir_lock.hold(str(tmp_path)):
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=f"in use by pid {os.getpid()} "):
+      with workdir_lock.hold(str(tmp_path)):
+        pass
+  with workdir_lock.hold(str(tmp_path)):  # released on exit
+    assert os.path.getsize(tmp_path / "lock") > 0
+  assert os.path.getsize(tmp_path / "lock") == 0
