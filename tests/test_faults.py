@@ -347,3 +347,22 @@ def test_lock_is_exclusive_and_released(tmp_path):
   with workdir_lock.hold(str(tmp_path)):  # released on exit
     assert os.path.getsize(tmp_path / "lock") > 0
   assert os.path.getsize(tmp_path / "lock") == 0
+
+
+def test_sigterm_during_class_images_stops_after_the_batch_in_flight(tiny, tmp_path):
+  from dreambooth_jax import class_images, preemption, sharding  # pylint: disable=g-import-not-at-top
+  components, params = tiny
+  mesh = sharding.make_mesh()
+  config = conftest.make_small_config("unused", "unused")
+  asked = []
+
+  def stop_requested():  # SIGTERM arrives while the first batch (8 images) is generated
+    asked.append(True)
+    return len(asked) > 1
+
+  with pytest.raises(preemption.Preempted, match="with 2 still missing; rerun"):
+    class_images.ensure_class_images(
+        str(tmp_path), 10, config.data.class_prompt, components,
+        sharding.put_replicated(params, mesh), mesh, 32, config.class_images, config.seed,
+        stop_requested=stop_requested)
+  assert sorted(os.listdir(tmp_path)) == [f"class_{i:05d}.png" for i in range(8)]
