@@ -30,15 +30,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   # Folder of 3-5 subject photos (jpg, jpeg, png, webp), or "builtin:demo-toy" (generated).
   config.data.instance_dir = ""
-  # Prompt for every instance photo; must contain data.identifier.
-  config.data.instance_prompt = "a photo of sks dog"
-  # The rare-token identifier that names the subject in instance_prompt.
+  # Prompt for every instance photo. {identifier} and {class} are replaced by data.identifier
+  # and data.class_name; the prompt must name the identifier (placeholder or literally).
+  config.data.instance_prompt = "a photo of {identifier} {class}"
+  # The rare token that names the subject, or "auto": a rare 2-3 letter token of the model's
+  # vocabulary picked from the seed (paper §3.2; `python -m dreambooth_jax.identifiers` lists
+  # candidates). The one used is written to workdir/prompts.json.
   config.data.identifier = "sks"
+  # The class noun of the subject ("dog"), for {class}.
+  config.data.class_name = "dog"
   # Folder of class (prior-preservation) images; missing ones are generated into it.
   # "" means workdir/class_images.
   config.data.class_dir = ""
-  # Prompt of the class images, without the identifier.
-  config.data.class_prompt = "a photo of dog"
+  # Prompt of the class images, without the identifier ({class} = data.class_name).
+  config.data.class_prompt = "a photo of {class}"
   # How many class images to train with (generated if class_dir holds fewer).
   config.data.num_class_images = 200
   # Training image size in pixels (a multiple of 8, or of the VAE's downsampling factor).
@@ -72,8 +77,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.with_prior_preservation = True
   # λ, the weight of the prior-preservation loss (the paper uses 1).
   config.train.prior_loss_weight = 1.0
-  # Also fine-tune the CLIP text encoder (same optimizer and learning rate).
+  # Also fine-tune the CLIP text encoder (the paper's optional variant).
   config.train.train_text_encoder = False
+  # Peak learning rate of the text encoder (same schedule shape); 0 = train.learning_rate.
+  config.train.text_encoder_learning_rate = 0.0
+  # Train the text encoder for the first this-many steps only, then freeze it; 0 = all steps.
+  config.train.text_encoder_steps = 0
+  # Min-SNR-γ loss weighting (Hang et al. 2023): each example's MSE is weighted by
+  # min(SNR(t), γ)/SNR(t) (ε-prediction) or min(SNR(t), γ)/(SNR(t)+1) (v-prediction);
+  # 0 = off, the paper's plain MSE. 5 is the usual value.
+  config.train.min_snr_gamma = 0.0
+  # Offset noise: adds this times per-(example, channel) constant Gaussian noise to the noise,
+  # which lets the model learn very dark or bright images; 0 = off (the paper). 0.1 is usual.
+  config.train.offset_noise = 0.0
   # Global-norm gradient clipping threshold.
   config.train.max_grad_norm = 1.0
   # AdamW hyper-parameters.
@@ -96,8 +112,20 @@ def get_config() -> ml_collections.ConfigDict:
   # Write a metrics.jsonl row / TensorBoard scalars every this many steps (and the last step).
   config.log.every_steps = 10
 
+  config.eval = ml_collections.ConfigDict()
+  # Every this many steps, sample eval.prompts with the current weights and save a grid in
+  # workdir/eval/step_<N>.png and to TensorBoard; 0 = never.
+  config.eval.every_steps = 0
+  # Validation prompts ({identifier}/{class} are filled); () = sample.prompts.
+  config.eval.prompts = ()
+  config.eval.num_images = 2
+  config.eval.scheduler = "ddim"
+  config.eval.num_inference_steps = 25
+  config.eval.guidance_scale = 7.5
+
   config.sample = ml_collections.ConfigDict()
-  # Prompts sampled from the exported pipeline at the end of training ([] = none).
+  # Prompts sampled from the exported pipeline at the end of training ({identifier} and
+  # {class} are filled; () = none).
   config.sample.prompts = ()
   config.sample.num_images = 4
   config.sample.scheduler = "ddim"

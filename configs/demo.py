@@ -13,8 +13,7 @@ def get_config():
   config = common.get_config()
   config.model.pretrained = "builtin:tiny-sd"
   config.data.instance_dir = "builtin:demo-toy"
-  config.data.instance_prompt = "a photo of sks toy"
-  config.data.class_prompt = "a photo of toy"
+  config.data.class_name = "toy"
   config.data.num_class_images = 8
   config.data.resolution = 32
   config.data.random_flip = True
@@ -26,7 +25,7 @@ def get_config():
   config.train.warmup_steps = 5
   config.checkpoint.every_steps = 20
   config.log.every_steps = 5
-  config.sample.prompts = ("a photo of sks toy on the beach",)
+  config.sample.prompts = ("a photo of {identifier} {class} on the beach",)
   config.sample.num_images = 4
   config.sample.num_inference_steps = 10
   return config

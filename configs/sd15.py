@@ -1,8 +1,8 @@
 """Stable Diffusion 1.5 at 512 px with the paper's recipe (lr 5e-6, λ = 1, prior preservation).
 
-Set at least data.instance_dir, data.instance_prompt and data.class_prompt, e.g.
-  --config.data.instance_dir=/data/dog --config.data.instance_prompt="a photo of sks dog"
-  --config.data.class_prompt="a photo of dog"
+Set at least data.instance_dir and data.class_name, e.g.
+  --config.data.instance_dir=/data/dog --config.data.class_name=dog
+The prompts default to "a photo of {identifier} {class}" and "a photo of {class}".
 """
 
 from configs import common
@@ -18,5 +18,6 @@ def get_config():
   config.train.batch_size = 1
   config.train.learning_rate = 5e-6
   config.train.prior_loss_weight = 1.0
-  config.sample.prompts = ("a photo of sks dog on the beach",)
+  config.sample.prompts = ("a photo of {identifier} {class} on the beach",
+                           "a photo of {identifier} {class} in the snow", "a photo of {class}")
   return config

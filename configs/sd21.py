@@ -1,7 +1,7 @@
 """Stable Diffusion 2.1 at 768 px: sd15.py's recipe on another model.
 
 v-prediction is read from the model's scheduler config, nothing to set here. Set
-data.instance_dir, data.instance_prompt and data.class_prompt as for sd15.py.
+data.instance_dir and data.class_name as for sd15.py.
 """
 
 from configs import sd15

@@ -9,7 +9,7 @@ import re
 import ml_collections
 
 from configs import common
-from dreambooth_jax import demo_data, input_pipeline, models
+from dreambooth_jax import demo_data, identifiers, input_pipeline, models
 
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -38,6 +38,18 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_prompt(field: str, prompt: str, allowed: tuple[str, ...]) -> None:
+  """Only the allowed {placeholders}, well formed; {class} needs data.class_name."""
+  try:
+    names = identifiers.placeholder_names(prompt)
+  except ValueError as e:
+    raise ConfigError(f"config.{field}: {prompt!r} is not a valid template ({e})") from e
+  unknown = sorted(names - set(allowed))
+  _require(not unknown, field, f"{prompt!r} has unknown placeholder(s) "
+           f"{', '.join('{' + name + '}' for name in unknown)}; allowed: "
+           f"{', '.join('{' + name + '}' for name in allowed)}")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for unknown fields, wrong types and out-of-range values."""
   known = _flatten(common.get_config())
@@ -63,10 +75,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _require(data.resolution >= 8 and data.resolution % 8 == 0, "data.resolution",
            f"must be a positive multiple of 8, got {data.resolution}")
   _require(bool(data.instance_prompt.strip()), "data.instance_prompt", "must not be empty")
-  _require(bool(data.identifier.strip()), "data.identifier", "must not be empty")
-  _require(re.search(rf"(^|\W){re.escape(data.identifier)}(\W|$)", data.instance_prompt)
-           is not None, "data.instance_prompt",
-           f"{data.instance_prompt!r} does not contain the identifier {data.identifier!r}")
+  _require(bool(data.identifier.strip()) and " " not in data.identifier.strip(),
+           "data.identifier", f"must be one word or {identifiers.AUTO!r}, got {data.identifier!r}")
+  _check_prompt("data.instance_prompt", data.instance_prompt, ("identifier", "class"))
+  named = "identifier" in identifiers.placeholder_names(data.instance_prompt) or (
+      data.identifier != identifiers.AUTO and re.search(
+          rf"(^|\W){re.escape(data.identifier)}(\W|$)", data.instance_prompt) is not None)
+  _require(named, "data.instance_prompt",
+           f"{data.instance_prompt!r} does not contain the identifier "
+           f"{data.identifier!r} (or the placeholder {{identifier}})")
+  _check_prompt("data.class_prompt", data.class_prompt, ("class",))
+  for field in ("sample.prompts", "eval.prompts"):
+    section, name = field.split(".")
+    prompts = config[section][name]
+    _require(isinstance(prompts, (tuple, list)) and all(isinstance(p, str) for p in prompts),
+             field, "must be a tuple of strings")
+    for prompt in prompts:
+      _check_prompt(field, prompt, ("identifier", "class"))
   _require(train.steps >= 1, "train.steps", f"must be >= 1, got {train.steps}")
   _require(train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {train.batch_size}")
   _require(train.learning_rate > 0, "train.learning_rate", "must be > 0")
@@ -77,6 +102,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _require(train.prior_loss_weight >= 0, "train.prior_loss_weight",
            f"must be >= 0, got {train.prior_loss_weight}")
   _require(train.max_grad_norm > 0, "train.max_grad_norm", "must be > 0")
+  _require(train.text_encoder_learning_rate >= 0, "train.text_encoder_learning_rate",
+           "must be >= 0 (0 = train.learning_rate)")
+  _require(0 <= train.text_encoder_steps <= train.steps, "train.text_encoder_steps",
+           f"must be between 0 (all steps) and train.steps ({train.steps}), got "
+           f"{train.text_encoder_steps}")
+  _require(train.min_snr_gamma >= 0, "train.min_snr_gamma", "must be >= 0 (0 = off)")
+  _require(train.offset_noise >= 0, "train.offset_noise", "must be >= 0 (0 = off)")
+  uses_class = any("class" in identifiers.placeholder_names(prompt) for prompt in (
+      data.instance_prompt, data.class_prompt, *config.sample.prompts, *config.eval.prompts))
+  _require(bool(data.class_name.strip()) or not uses_class, "data.class_name",
+           "must be set: a prompt uses {class}")
   if train.with_prior_preservation:
     _require(bool(data.class_prompt.strip()), "data.class_prompt", "must not be empty")
     _require(data.num_class_images >= 1, "data.num_class_images",
@@ -88,9 +124,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              "class_images.scheduler", f"must be one of {sorted(models.SAMPLING_SCHEDULERS)}")
   _require(config.sample.scheduler in models.SAMPLING_SCHEDULERS, "sample.scheduler",
            f"must be one of {sorted(models.SAMPLING_SCHEDULERS)}")
-  _require(isinstance(config.sample.prompts, (tuple, list)), "sample.prompts",
-           "must be a tuple of strings")
   _require(config.sample.num_images >= 1, "sample.num_images", "must be >= 1")
+  _require(config.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = never)")
+  if config.eval.every_steps:
+    _require(bool(config.eval.prompts or config.sample.prompts), "eval.prompts",
+             "no validation prompts: set eval.prompts (or sample.prompts)")
+    _require(config.eval.num_images >= 1, "eval.num_images", "must be >= 1")
+    _require(config.eval.num_inference_steps >= 1, "eval.num_inference_steps", "must be >= 1")
+    _require(config.eval.scheduler in models.SAMPLING_SCHEDULERS, "eval.scheduler",
+             f"must be one of {sorted(models.SAMPLING_SCHEDULERS)}")
   _require(config.sample.num_inference_steps >= 1, "sample.num_inference_steps", "must be >= 1")
   _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
   _require(config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1")

@@ -194,6 +194,19 @@ def load_pretrained(pretrained: str, revision: str | None = None,
   return components, params
 
 
+def load_tokenizer(pretrained: str, revision: str | None = None) -> CLIPTokenizer:
+  """Only the tokenizer of a pipeline (for a hub id, only its tokenizer files are downloaded)."""
+  if pretrained.startswith(BUILTIN_PREFIX) or os.path.exists(pretrained):
+    directory = resolve_pretrained(pretrained, revision)
+  else:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+    directory = huggingface_hub.snapshot_download(pretrained, revision=revision,
+                                                  allow_patterns=["tokenizer/*"])
+  if not os.path.isfile(os.path.join(directory, "tokenizer", "vocab.json")):
+    raise ModelLoadError(f"model.pretrained: {directory} has no tokenizer/vocab.json")
+  return CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
+
+
 def export_pipeline(components: Components, params: dict[str, Any], out_dir: str) -> None:
   """Writes a complete FlaxStableDiffusionPipeline directory, atomically (tmp dir + rename)."""
   tmp_dir = out_dir.rstrip("/") + ".tmp"

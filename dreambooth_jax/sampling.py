@@ -101,6 +101,15 @@ def make_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
   return grid
 
 
+def sample_grid(sampler: Callable, params, mesh: jax.sharding.Mesh, tokenizer,
+                prompts: Sequence[str], num_images: int, seed: int) -> np.ndarray:
+  """num_images per prompt in one sharded batch; image k of every prompt starts from noise k."""
+  ids = np.concatenate([np.repeat(input_pipeline.tokenize(tokenizer, prompt)[None], num_images, 0)
+                        for prompt in prompts])
+  images = generate(sampler, params, mesh, ids, list(range(num_images)) * len(prompts), seed)
+  return images.reshape(len(prompts), num_images, *images.shape[1:])
+
+
 def write_samples(components: models.Components, params, mesh: jax.sharding.Mesh,
                   prompts: list[str], num_images: int, out_dir: str, resolution: int,
                   scheduler: str, num_inference_steps: int, guidance_scale: float,
@@ -109,14 +118,11 @@ def write_samples(components: models.Components, params, mesh: jax.sharding.Mesh
   os.makedirs(out_dir, exist_ok=True)
   sampler = make_sampler(components, mesh, resolution, scheduler, num_inference_steps,
                          guidance_scale)
-  all_images = []
-  for prompt_index, prompt in enumerate(prompts):
-    ids = np.repeat(input_pipeline.tokenize(components.tokenizer, prompt)[None], num_images, 0)
-    images = generate(sampler, params, mesh, ids, list(range(num_images)), seed)
-    for index, image in enumerate(images):
+  images = sample_grid(sampler, params, mesh, components.tokenizer, prompts, num_images, seed)
+  for prompt_index, prompt_images in enumerate(images):
+    for index, image in enumerate(prompt_images):
       write_png(image, os.path.join(out_dir, f"prompt{prompt_index}_{index:03d}.png"))
-    all_images.append(images)
-  grid = make_grid(np.concatenate(all_images), columns=num_images)
+  grid = make_grid(images.reshape(-1, *images.shape[2:]), columns=num_images)
   write_png(grid, os.path.join(out_dir, "grid.png"))
   with open(os.path.join(out_dir, "prompts.json"), "w") as f:
     json.dump({f"prompt{i}": p for i, p in enumerate(prompts)}, f, indent=2)

@@ -7,6 +7,7 @@ resumes from the newest checkpoint and ends exactly where an uninterrupted run w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,8 +18,8 @@ from absl import logging
 from tqdm import tqdm
 
 from dreambooth_jax import (checkpoints, class_images, config_check, demo_data, faults,
-                            input_pipeline, metric_writer, models, preemption, sampling, sharding,
-                            train_step, workdir_lock)
+                            identifiers, input_pipeline, metric_writer, models, preemption,
+                            sampling, sharding, train_step, workdir_lock)
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -31,6 +32,13 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       logging.warning("Resuming with a changed config (resume_ignore_changes): %s", change)
   with open(path + ".tmp", "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, value) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2)
+    f.write("\n")
   os.replace(path + ".tmp", path)
 
 
@@ -71,6 +79,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       raise config_check.ConfigError(
           f"config.data.resolution: {data_config.resolution} is not a multiple of the VAE's "
           f"downsampling factor {components.vae_scale_factor}")
+    prompts = identifiers.resolve_prompts(data_config, components.tokenizer, config.seed)
+    write_json(os.path.join(workdir, "prompts.json"), dataclasses.asdict(prompts))
+    logging.info("Identifier %r; instance prompt %r; class prompt %r", prompts.identifier,
+                 prompts.instance_prompt, prompts.class_prompt)
     mesh = sharding.make_mesh()
     logging.info("Mesh: %d devices (%s)", mesh.size, jax.devices()[0].platform)
     params = sharding.put_replicated(params, mesh)
@@ -79,20 +91,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     if train_config.with_prior_preservation:
       class_dir = data_config.class_dir or os.path.join(workdir, "class_images")
       class_paths = class_images.ensure_class_images(
-          class_dir, data_config.num_class_images, data_config.class_prompt, components, params,
+          class_dir, data_config.num_class_images, prompts.class_prompt, components, params,
           mesh, data_config.resolution, config.class_images, config.seed,
           stop_requested=lambda: sigterm.requested)
       class_image_arrays = input_pipeline.load_images(class_paths, data_config.resolution)
     data = input_pipeline.DreamBoothData(
         instance_images=instance_images, class_images=class_image_arrays,
-        instance_ids=input_pipeline.tokenize(components.tokenizer, data_config.instance_prompt),
-        class_ids=input_pipeline.tokenize(components.tokenizer, data_config.class_prompt),
+        instance_ids=input_pipeline.tokenize(components.tokenizer, prompts.instance_prompt),
+        class_ids=input_pipeline.tokenize(components.tokenizer, prompts.class_prompt),
         batch_size=train_config.batch_size, resolution=data_config.resolution,
         center_crop=data_config.center_crop, random_flip=data_config.random_flip,
         seed=config.seed, pad_to_multiple=mesh.size)
 
     optimizer = train_step.make_optimizer(train_config)
-    schedule = train_step.make_schedule(train_config)
     frozen = train_step.frozen_params(params, train_config.train_text_encoder)
     state = train_step.create_train_state(params, optimizer, config.seed,
                                           train_config.train_text_encoder)
@@ -111,9 +122,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     writer = metric_writer.MetricWriter(workdir, start_step)
     replicated = sharding.replicated(mesh)
     step_fn = train_step.jit_train_step(
-        train_step.make_train_step(components, optimizer, schedule,
-                                   train_config.prior_loss_weight),
+        train_step.make_train_step(components, optimizer, train_config),
         replicated, replicated, sharding.data_sharded(mesh), replicated)
+    eval_config = config.eval
+    if eval_config.every_steps:  # validation grids during training, compiled once
+      eval_prompts = [prompts.fill(p, data_config.class_name)
+                      for p in eval_config.prompts or config.sample.prompts]
+      eval_sampler = sampling.make_sampler(components, mesh, data_config.resolution,
+                                           eval_config.scheduler,
+                                           eval_config.num_inference_steps,
+                                           eval_config.guidance_scale)
+      os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
 
     try:
       last_log_time, last_log_step = time.perf_counter(), start_step
@@ -129,6 +148,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
           last_log_time, last_log_step = now, done
           writer.write_scalars(done, scalars)
           stop_if_nonfinite(state, train_config, manager)
+        if eval_config.every_steps and done % eval_config.every_steps == 0:
+          images = sampling.sample_grid(eval_sampler, {**frozen, **state.params}, mesh,
+                                        components.tokenizer, eval_prompts,
+                                        eval_config.num_images, config.seed)
+          grid = sampling.make_grid(images.reshape(-1, *images.shape[2:]),
+                                    columns=eval_config.num_images)
+          sampling.write_png(grid, os.path.join(workdir, "eval", f"step_{done:06d}.png"))
+          writer.write_image(done, "eval", grid)
         preempted = sigterm.requested or manager.reached_preemption(done)
         if done % config.checkpoint.every_steps == 0 or preempted:
           stop_if_nonfinite(state, train_config, manager)
@@ -151,7 +178,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     logging.info("Exported the fine-tuned pipeline to %s", export_dir)
     if config.sample.prompts:
       grid = sampling.write_samples(
-          components, trained_params, mesh, list(config.sample.prompts), config.sample.num_images,
+          components, trained_params, mesh,
+          [prompts.fill(p, data_config.class_name) for p in config.sample.prompts],
+          config.sample.num_images,
           os.path.join(workdir, "samples"), data_config.resolution, config.sample.scheduler,
           config.sample.num_inference_steps, config.sample.guidance_scale, config.seed)
       writer.write_image(train_config.steps, "samples", grid)

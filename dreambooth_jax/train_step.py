@@ -20,6 +20,9 @@ from dreambooth_jax import models
 PyTree = Any
 
 
+OFFSET_NOISE_STREAM = 3  # folded into an example's key for its offset noise
+
+
 class NonFiniteLossError(RuntimeError):
   """A step's loss or gradient was NaN or Inf and train.skip_nonfinite_steps is off."""
 
@@ -34,25 +37,45 @@ class TrainState:
   first_nonfinite_step: jax.Array  # the first such step (1-based), 0 if none
 
 
-def make_schedule(train_config) -> optax.Schedule:
-  peak, warmup, steps = (train_config.learning_rate, train_config.warmup_steps,
-                         train_config.steps)
+def make_schedule(train_config, peak: float | None = None, stop_step: int = 0) -> optax.Schedule:
+  """Warmup then constant/linear/cosine to 0 at train.steps; 0 from `stop_step` on if set."""
+  peak = train_config.learning_rate if peak is None else peak
+  warmup, steps = train_config.warmup_steps, train_config.steps
   decay_steps = max(steps - warmup, 1)
   after_warmup = {
       "constant": optax.constant_schedule(peak),
       "linear": optax.linear_schedule(peak, 0.0, decay_steps),
       "cosine": optax.cosine_decay_schedule(peak, decay_steps),
   }[train_config.lr_schedule]
-  if warmup == 0:
-    return after_warmup
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after_warmup], [warmup])
+  schedule = after_warmup
+  if warmup:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after_warmup],
+                                    [warmup])
+  if stop_step:
+    schedule = optax.join_schedules([schedule, optax.constant_schedule(0.0)], [stop_step])
+  return schedule
+
+
+def make_text_encoder_schedule(train_config) -> optax.Schedule:
+  return make_schedule(train_config, train_config.text_encoder_learning_rate or None,
+                       train_config.text_encoder_steps)
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
-  return optax.chain(
-      optax.clip_by_global_norm(train_config.max_grad_norm),
-      optax.adamw(make_schedule(train_config), b1=train_config.adam_b1, b2=train_config.adam_b2,
-                  eps=train_config.adam_eps, weight_decay=train_config.weight_decay))
+  """Clipping of the global gradient norm, then AdamW (its own schedule for the text encoder)."""
+  def adamw(schedule):
+    return optax.adamw(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2,
+                       eps=train_config.adam_eps, weight_decay=train_config.weight_decay)
+
+  clip = optax.clip_by_global_norm(train_config.max_grad_norm)
+  if not train_config.train_text_encoder:
+    return optax.chain(clip, adamw(make_schedule(train_config)))
+  per_model = optax.multi_transform(
+      {"unet": adamw(make_schedule(train_config)),
+       "text_encoder": adamw(make_text_encoder_schedule(train_config))},
+      lambda params: {name: jax.tree.map(lambda _, n=name: n, tree)
+                      for name, tree in params.items()})
+  return optax.chain(clip, per_model)
 
 
 def trainable_names(train_text_encoder: bool) -> tuple[str, ...]:
@@ -91,7 +114,36 @@ def diffusion_target(scheduler, scheduler_state, prediction_type: str, latents, 
   raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
 
 
-def make_loss_fn(components: models.Components, prior_loss_weight: float) -> Callable:
+def example_streams(step_key: jax.Array, example_ids: jax.Array) -> tuple[jax.Array, ...]:
+  """(example, latent-sample, noise, timestep) keys of each row, from its example id only."""
+  example_keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, example_ids)
+  latent_keys, noise_keys, time_keys = jnp.moveaxis(
+      jax.vmap(lambda k: jax.random.split(k, 3))(example_keys), 1, 0)
+  return example_keys, latent_keys, noise_keys, time_keys
+
+
+def draw_noise(noise_keys: jax.Array, example_keys: jax.Array, shape: tuple[int, ...],
+               offset_noise: float) -> jax.Array:
+  """Gaussian noise of `shape` (C, H, W) per row, plus offset_noise × N(0, 1) per channel."""
+  noise = jax.vmap(lambda k: jax.random.normal(k, shape))(noise_keys)
+  if offset_noise:
+    offsets = jax.vmap(lambda k: jax.random.normal(
+        jax.random.fold_in(k, OFFSET_NOISE_STREAM), (shape[0], 1, 1)))(example_keys)
+    noise = noise + offset_noise * offsets
+  return noise
+
+
+def snr_weights(alphas_cumprod: jax.Array, timesteps: jax.Array, gamma: float,
+                prediction_type: str) -> jax.Array:
+  """Min-SNR-γ weight of each example's MSE: min(SNR, γ)/SNR (ε) or min(SNR, γ)/(SNR+1) (v)."""
+  alpha_bar = alphas_cumprod[timesteps].astype(jnp.float32)
+  snr = alpha_bar / (1.0 - alpha_bar)
+  clipped = jnp.minimum(snr, gamma)
+  return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
+
+
+def make_loss_fn(components: models.Components, prior_loss_weight: float,
+                 min_snr_gamma: float = 0.0, offset_noise: float = 0.0) -> Callable:
   """loss_fn(trained, frozen, batch, step_key) → (loss, metrics); pure."""
   scheduler = components.noise_scheduler()
   scheduler_state = scheduler.create_state()
@@ -101,9 +153,8 @@ def make_loss_fn(components: models.Components, prior_loss_weight: float) -> Cal
 
   def loss_fn(trained, frozen, batch, step_key):
     params = {**frozen, **trained}
-    example_keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, batch["example_id"])
-    latent_keys, noise_keys, time_keys = jnp.moveaxis(
-        jax.vmap(lambda k: jax.random.split(k, 3))(example_keys), 1, 0)
+    example_keys, latent_keys, noise_keys, time_keys = example_streams(step_key,
+                                                                       batch["example_id"])
 
     latent_dist = components.vae.apply({"params": jax.lax.stop_gradient(params["vae"])},
                                        batch["pixel_values"], method=components.vae.encode
@@ -113,7 +164,7 @@ def make_loss_fn(components: models.Components, prior_loss_weight: float) -> Cal
     latent_noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(latent_keys)
     latents = jnp.transpose(mean + std * latent_noise, (0, 3, 1, 2)) * scaling_factor
 
-    noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:]))(noise_keys)
+    noise = draw_noise(noise_keys, example_keys, latents.shape[1:], offset_noise)
     timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_train_timesteps))(time_keys)
     noisy_latents = scheduler.add_noise(scheduler_state, latents, noise, timesteps)
 
@@ -128,21 +179,32 @@ def make_loss_fn(components: models.Components, prior_loss_weight: float) -> Cal
         train=False).sample
     target = diffusion_target(scheduler, scheduler_state, prediction_type, latents, noise,
                               timesteps)
-    metrics = combine_losses(per_example_mse(prediction, target), batch["instance_mask"],
-                             batch["prior_mask"], prior_loss_weight)
+    mse = per_example_mse(prediction, target)
+    if min_snr_gamma:
+      mse = mse * snr_weights(scheduler_state.common.alphas_cumprod, timesteps, min_snr_gamma,
+                              prediction_type)
+    metrics = combine_losses(mse, batch["instance_mask"], batch["prior_mask"],
+                             prior_loss_weight)
     return metrics["loss"], metrics
 
   return loss_fn
 
 
 def make_train_step(components: models.Components, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, prior_loss_weight: float) -> Callable:
+                    train_config) -> Callable:
   """train_step(state, frozen, batch) → (state, metrics), not yet jitted."""
-  loss_fn = make_loss_fn(components, prior_loss_weight)
+  loss_fn = make_loss_fn(components, train_config.prior_loss_weight, train_config.min_snr_gamma,
+                         train_config.offset_noise)
+  schedule = make_schedule(train_config)
+  text_encoder_schedule = make_text_encoder_schedule(train_config)
+  text_encoder_stop = train_config.text_encoder_steps
 
   def train_step(state: TrainState, frozen: PyTree, batch: dict[str, jax.Array]):
     step_key = jax.random.fold_in(state.rng, state.step)
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, frozen, batch, step_key)
+    if "text_encoder" in grads and text_encoder_stop:  # frozen from then on: no gradient
+      grads = dict(grads, text_encoder=jax.tree.map(
+          lambda g: jnp.where(state.step < text_encoder_stop, g, 0.0), grads["text_encoder"]))
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -156,6 +218,8 @@ def make_train_step(components: models.Components, optimizer: optax.GradientTran
                                      state.step + 1, state.first_nonfinite_step)
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    nonfinite_steps=nonfinite_steps)
+    if "text_encoder" in state.params:
+      metrics["text_encoder_learning_rate"] = text_encoder_schedule(state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          nonfinite_steps=nonfinite_steps,
                          first_nonfinite_step=first_nonfinite_step), metrics

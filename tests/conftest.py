@@ -58,6 +58,8 @@ def make_small_config(tiny_dir: str, instance_dir: str):
   config.log.every_steps = 1
   config.sample.num_images = 2
   config.sample.num_inference_steps = 2
+  config.eval.every_steps = 3  # validation grids at steps 3 and 6, same sampler as the samples
+  config.eval.num_inference_steps = 2
   return config
 
 

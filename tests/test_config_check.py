@@ -113,7 +113,7 @@ def test_instance_prompt_without_identifier(small_config, prompt):
   small_config.data.instance_prompt = prompt
   message = expect_error(small_config, "data.instance_prompt")
   assert message == (f"config.data.instance_prompt: {prompt!r} does not contain the "
-                     "identifier 'sks'")
+                     "identifier 'sks' (or the placeholder {identifier})")
 
 
 @pytest.mark.parametrize("prompt", ["sks", "sks dog", "a photo of sks", "a (sks) dog, photo"])

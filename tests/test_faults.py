@@ -38,7 +38,8 @@ def _small_flags(tiny_dir, instance_dir):
           "--config.train.batch_size=1", "--config.train.warmup_steps=2",
           "--config.train.lr_schedule=linear", "--config.checkpoint.every_steps=3",
           "--config.log.every_steps=1", "--config.sample.num_images=2",
-          "--config.sample.num_inference_steps=2"]
+          "--config.sample.num_inference_steps=2", "--config.eval.every_steps=3",
+          "--config.eval.num_inference_steps=2"]
 
 
 def _command(workdir, flags):

@@ -40,6 +40,12 @@ def test_run_writes_metrics_checkpoints_export_and_samples(straight_run):
   export = os.path.join(workdir, "export")
   assert sorted(os.listdir(export)) == ["model_index.json", "scheduler", "text_encoder",
                                         "tokenizer", "unet", "vae"]
+  assert sorted(os.listdir(os.path.join(workdir, "eval"))) == ["step_000003.png",
+                                                               "step_000006.png"]
+  assert Image.open(os.path.join(workdir, "eval", "step_000006.png")).size == (2 * 32, 32)
+  with open(os.path.join(workdir, "prompts.json")) as f:
+    assert json.load(f) == {"identifier": "sks", "instance_prompt": "a photo of sks toy",
+                            "class_prompt": "a photo of toy"}
   grid = Image.open(os.path.join(workdir, "samples", "grid.png"))
   assert grid.size == (2 * 32, 32)
   assert sorted(n for n in os.listdir(os.path.join(workdir, "samples")) if "_" in n) == [

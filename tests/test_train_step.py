@@ -34,10 +34,9 @@ def setup(tiny):
       batch_size=2, resolution=32, center_crop=False, random_flip=True, seed=3,
       pad_to_multiple=8)
   optimizer = train_step.make_optimizer(config.train)
-  schedule = train_step.make_schedule(config.train)
   state = jax.device_get(train_step.create_train_state(params, optimizer, 0, False))
   frozen = jax.device_get(train_step.frozen_params(params, False))
-  step = train_step.make_train_step(components, optimizer, schedule, LAMBDA)
+  step = train_step.make_train_step(components, optimizer, config.train)
   loss_fn = jax.jit(train_step.make_loss_fn(components, LAMBDA))
   return components, data, state, frozen, step, loss_fn
 
@@ -145,26 +144,120 @@ def test_lr_schedule_warmup_then_linear_decay():
                              [0, 5e-5, 1e-4, 7.5e-5, 5e-5, 2.5e-5, 0], atol=1e-10)
 
 
-@pytest.mark.parametrize("train_text_encoder", [False, True])
-def test_text_encoder_changes_only_when_trained(tiny, train_text_encoder):
-  components, params = tiny
-  config = common.get_config()
-  config.train.learning_rate = 1e-3
-  optimizer = train_step.make_optimizer(config.train)
-  state = train_step.create_train_state(params, optimizer, 0, train_text_encoder)
-  frozen = train_step.frozen_params(params, train_text_encoder)
-  assert ("text_encoder" in state.params) == train_text_encoder
-  assert ("text_encoder" in frozen) != train_text_encoder
-  data = input_pipeline.DreamBoothData(
+def _text_encoder_data(components):
+  return input_pipeline.DreamBoothData(
       instance_images=_images(1, 2), class_images=[],
       instance_ids=input_pipeline.tokenize(components.tokenizer, "a photo of sks toy"),
       class_ids=input_pipeline.tokenize(components.tokenizer, "a photo of toy"),
       batch_size=2, resolution=32, center_crop=True, random_flip=False, seed=0)
-  step = jax.jit(train_step.make_train_step(components, optimizer,
-                                            train_step.make_schedule(config.train), 1.0))
-  new_state, metrics = step(state, frozen, data.batch(0))
+
+
+def _max_change(new, old):
+  return max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)))
+
+
+def test_text_encoder_stays_frozen_by_default(tiny):
+  components, params = tiny
+  config = common.get_config()
+  config.train.learning_rate = 1e-3
+  optimizer = train_step.make_optimizer(config.train)
+  state = train_step.create_train_state(params, optimizer, 0, False)
+  frozen = train_step.frozen_params(params, False)
+  assert "text_encoder" not in state.params and "text_encoder" in frozen
+  step = jax.jit(train_step.make_train_step(components, optimizer, config.train))
+  new_state, metrics = step(state, frozen, _text_encoder_data(components).batch(0))
   assert float(metrics["prior_loss"]) == 0.0  # no prior rows
-  text_params = new_state.params.get("text_encoder", frozen.get("text_encoder"))
-  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(text_params),
-                                                         jax.tree.leaves(params["text_encoder"])))
-  assert (moved > 1e-4) == train_text_encoder
+  assert "text_encoder_learning_rate" not in metrics
+  assert _max_change(new_state.params["unet"], params["unet"]) > 1e-4
+
+
+def test_text_encoder_own_learning_rate_and_stop_step(tiny):
+  """lr 2e-3 for the encoder, 1e-3 for the UNet, encoder frozen after step 1."""
+  components, params = tiny
+  config = common.get_config()
+  config.train.learning_rate = 1e-3
+  config.train.train_text_encoder = True
+  config.train.text_encoder_learning_rate = 2e-3
+  config.train.text_encoder_steps = 1
+  config.train.weight_decay = 0.0
+  config.train.steps = 3
+  optimizer = train_step.make_optimizer(config.train)
+  state = train_step.create_train_state(params, optimizer, 0, True)
+  frozen = train_step.frozen_params(params, True)
+  assert "text_encoder" in state.params and "text_encoder" not in frozen
+  data = _text_encoder_data(components)
+  step = jax.jit(train_step.make_train_step(components, optimizer, config.train))
+  first, metrics = step(state, frozen, data.batch(0))
+  assert float(metrics["learning_rate"]) == pytest.approx(1e-3)
+  assert float(metrics["text_encoder_learning_rate"]) == pytest.approx(2e-3)
+  # Adam's first update is ±lr on every weight with a clear gradient: the largest change of
+  # each model is its own learning rate.
+  assert _max_change(first.params["text_encoder"], params["text_encoder"]) == pytest.approx(
+      2e-3, rel=1e-3)
+  assert _max_change(first.params["unet"], params["unet"]) == pytest.approx(1e-3, rel=1e-3)
+  second, metrics = step(first, frozen, data.batch(1))
+  assert float(metrics["text_encoder_learning_rate"]) == 0.0
+  jax.tree.map(np.testing.assert_array_equal, second.params["text_encoder"],
+               first.params["text_encoder"])  # frozen from step 2 on
+  assert _max_change(second.params["unet"], first.params["unet"]) > 1e-4
+
+
+def _numpy_alphas_cumprod(scheduler_config):
+  """ᾱ_t from the scheduler config alone (scaled_linear betas, as SD's schedulers use)."""
+  assert scheduler_config["beta_schedule"] == "scaled_linear"
+  betas = np.linspace(scheduler_config["beta_start"] ** 0.5, scheduler_config["beta_end"] ** 0.5,
+                      scheduler_config["num_train_timesteps"], dtype=np.float64) ** 2
+  return np.cumprod(1.0 - betas)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_numpy(tiny, prediction_type):
+  components, _ = tiny
+  alphas_cumprod = _numpy_alphas_cumprod(components.scheduler_config)
+  state = components.noise_scheduler().create_state()
+  timesteps = np.asarray([0, 10, 100, 500, 999])
+  snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+  gamma = 5.0
+  expected = np.minimum(snr, gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+  weights = train_step.snr_weights(state.common.alphas_cumprod, timesteps, gamma, prediction_type)
+  np.testing.assert_allclose(weights, expected, rtol=1e-4)
+  assert expected[0] < 1 and expected[-1] == pytest.approx(
+      1.0 if prediction_type == "epsilon" else snr[-1] / (snr[-1] + 1))
+
+
+def test_min_snr_loss_is_the_weighted_mean_of_per_example_mse(setup, tiny):
+  components, data, state, frozen, _, loss_fn = setup
+  gamma = 2.0
+  weighted_loss_fn = jax.jit(train_step.make_loss_fn(components, LAMBDA, min_snr_gamma=gamma))
+  batch = data.batch(0)
+  key = jax.random.fold_in(state.rng, 0)
+  _, metrics = weighted_loss_fn(state.params, frozen, batch, key)
+  plain = []
+  for row in range(4):
+    single = dict(_single_row(batch, row), instance_mask=np.ones(1, np.float32),
+                  prior_mask=np.zeros(1, np.float32))
+    plain.append(float(loss_fn(state.params, frozen, single, key)[1]["loss"]))
+  time_keys = train_step.example_streams(key, batch["example_id"][:4])[3]
+  timesteps = np.asarray([int(jax.random.randint(k, (), 0, 1000)) for k in time_keys])
+  alphas_cumprod = _numpy_alphas_cumprod(components.scheduler_config)[timesteps]
+  snr = alphas_cumprod / (1 - alphas_cumprod)
+  weighted = np.asarray(plain) * np.minimum(snr, gamma) / snr
+  assert not np.allclose(weighted, plain)  # the weights really act here
+  np.testing.assert_allclose(float(metrics["instance_loss"]), weighted[:2].mean(), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["prior_loss"]), weighted[2:].mean(), rtol=1e-4)
+
+
+def test_offset_noise_adds_one_constant_per_example_and_channel():
+  keys = jax.random.split(jax.random.PRNGKey(0), 512)
+  example_keys, _, noise_keys, _ = train_step.example_streams(keys[0], jnp.arange(512))
+  plain = np.asarray(train_step.draw_noise(noise_keys, example_keys, (4, 6, 6), 0.0))
+  offset = np.asarray(train_step.draw_noise(noise_keys, example_keys, (4, 6, 6), 0.1))
+  difference = offset - plain
+  # Constant over each (example, channel) image plane...
+  np.testing.assert_allclose(difference, difference[:, :, :1, :1] * np.ones((1, 1, 6, 6)),
+                             atol=1e-6)
+  planes = difference[:, :, 0, 0]
+  # ...differing between channels and examples, with standard deviation 0.1.
+  assert (np.std(planes, axis=1) > 0).all() and (np.std(planes, axis=0) > 0).all()
+  assert np.std(planes) == pytest.approx(0.1, rel=0.1)
+  assert abs(np.mean(planes)) < 0.02
