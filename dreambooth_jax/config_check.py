@@ -144,11 +144,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{e}") from e
     _require(bool(paths), "data.instance_dir",
              f"{data.instance_dir} holds no images ({', '.join(input_pipeline.IMAGE_EXTENSIONS)})")
-  if os.path.isdir(config.model.pretrained):
-    try:
-      models.check_pipeline_dir(config.model.pretrained)
-    except models.ModelLoadError as e:
-      raise ConfigError(f"config.{e}") from e
+  try:
+    models.check_pretrained(config.model.pretrained)
+  except models.ModelLoadError as e:
+    raise ConfigError(f"config.{e}") from e
 
 
 def check_workdir(workdir: str) -> None:

@@ -46,7 +46,10 @@ def load_image(path: str, resolution: int) -> np.ndarray:
     image = Image.fromarray(scaled.astype(np.uint8), "L")
   elif image.mode in ("L", "LA", "1"):
     warnings.warn(f"{path}: grayscale image converted to RGB")
+  elif image.mode == "CMYK":
+    warnings.warn(f"{path}: CMYK image converted to RGB")
   if "A" in image.mode or "transparency" in image.info:
+    warnings.warn(f"{path}: transparent image composited onto white")
     rgba = image.convert("RGBA")
     image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     image.alpha_composite(rgba)

@@ -100,7 +100,7 @@ def resolve_pretrained(pretrained: str, revision: str | None = None) -> str:
     return pretrained
   if os.path.exists(pretrained):
     raise ModelLoadError(f"model.pretrained: {pretrained} is a file, not a diffusers directory")
-  if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
+  if not _is_hub_id(pretrained):
     raise ModelLoadError(f"model.pretrained: {pretrained} is neither a local directory nor a "
                          "hub id of the form owner/name")
   return _download_from_hub(pretrained, revision)
@@ -142,6 +142,24 @@ def check_pipeline_dir(directory: str) -> None:
     if not os.path.isfile(os.path.join(directory, component, config_file)):
       raise ModelLoadError(f"model.pretrained: {directory} is missing component {component!r} "
                            f"({component}/{config_file} not found)")
+  for component in ("unet", "vae"):
+    _weights_file(directory, component, (_DIFFUSERS_FLAX,) + _DIFFUSERS_PT)
+  _weights_file(directory, "text_encoder", (_TRANSFORMERS_FLAX,) + _TRANSFORMERS_PT)
+
+
+def check_pretrained(pretrained: str) -> None:
+  """The checks of `pretrained` that need no download: a builtin name or a local directory."""
+  if pretrained.startswith(BUILTIN_PREFIX):
+    if pretrained != BUILTIN_TINY:
+      raise ModelLoadError(f"model.pretrained: unknown builtin model {pretrained!r}; "
+                           f"the only one is {BUILTIN_TINY!r}")
+    return
+  if os.path.exists(pretrained) or not _is_hub_id(pretrained):
+    check_pipeline_dir(resolve_pretrained(pretrained))
+
+
+def _is_hub_id(name: str) -> bool:
+  return not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
 def _require_torch(weights: str) -> None:

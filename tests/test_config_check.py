@@ -168,8 +168,11 @@ def test_pretrained_dir_missing_unet(small_config, tiny_dir, tmp_path):
   broken = tmp_path / "pipeline"
   shutil.copytree(tiny_dir, broken, ignore=shutil.ignore_patterns("*.msgpack"))
   small_config.model.pretrained = str(broken)
-  config_check.check_config(small_config)  # the copy (configs only) passes ...
-  shutil.rmtree(broken / "unet")  # ... until a component folder goes
+  message = expect_error(small_config, "model.pretrained")  # configs only: no weights
+  assert message == (f"config.model.pretrained: {broken / 'unet'} has no weights (looked for "
+                     "diffusion_flax_model.msgpack, diffusion_pytorch_model.safetensors, "
+                     "diffusion_pytorch_model.bin)")
+  shutil.rmtree(broken / "unet")  # a whole component folder gone
   message = expect_error(small_config, "model.pretrained")
   assert "'unet'" in message and str(broken) in message
   assert message == (f"config.model.pretrained: {broken} is missing component 'unet' "

@@ -127,7 +127,8 @@ def test_load_image_rgba_composited_on_white(tmp_path):
   rgba[:, 4:] = (255, 0, 0, 255)  # opaque red right half
   rgba[0, 0] = (0, 0, 255, 0)  # transparent blue: colour must not leak
   path = _save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.png")
-  out = input_pipeline.load_image(path, 8)
+  with pytest.warns(UserWarning, match="a.png: transparent image composited onto white"):
+    out = input_pipeline.load_image(path, 8)
   assert out.shape == (8, 8, 3) and out.dtype == np.uint8
   np.testing.assert_array_equal(out[:, :4], np.full((8, 4, 3), 255, np.uint8))
   np.testing.assert_array_equal(out[:, 4:], np.broadcast_to([255, 0, 0], (8, 4, 3)))
@@ -138,7 +139,8 @@ def test_load_image_palette_transparency_composited_on_white(tmp_path):
   image.putpalette([0, 0, 0, 0, 255, 0] + [0] * (254 * 3))
   image.paste(1, (0, 0, 8, 4))  # top half green (index 1), bottom half index 0 = transparent
   path = _save(image, tmp_path / "p.png", transparency=0)
-  out = input_pipeline.load_image(path, 8)
+  with pytest.warns(UserWarning, match="p.png: transparent image"):
+    out = input_pipeline.load_image(path, 8)
   np.testing.assert_array_equal(out[:4], np.broadcast_to([0, 255, 0], (4, 8, 3)))
   np.testing.assert_array_equal(out[4:], np.full((4, 8, 3), 255, np.uint8))
 
@@ -147,7 +149,8 @@ def test_load_image_cmyk_to_rgb(tmp_path):
   path = _save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), tmp_path / "cmyk.jpg", quality=95)
   with Image.open(path) as check:
     assert check.mode == "CMYK"
-  out = input_pipeline.load_image(path, 16)
+  with pytest.warns(UserWarning, match="cmyk.jpg: CMYK image converted to RGB"):
+    out = input_pipeline.load_image(path, 16)
   assert out.shape == (16, 16, 3) and out.dtype == np.uint8
   np.testing.assert_allclose(out.reshape(-1, 3).astype(int), [[255, 0, 0]] * 256, atol=3)
 
