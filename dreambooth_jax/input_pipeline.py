@@ -31,8 +31,11 @@ def list_images(directory: str, field: str = "data.instance_dir") -> list[str]:
                 and os.path.isfile(os.path.join(directory, name)))
 
 
-def load_image(path: str, resolution: int) -> np.ndarray:
-  """Reads an image upright in RGB with its shorter side resized to `resolution` (uint8 HWC)."""
+def load_image(path: str, resolution: int | None) -> np.ndarray:
+  """Reads an image upright in RGB with its shorter side resized to `resolution` (uint8 HWC).
+
+  resolution=None keeps the image's own size.
+  """
   try:
     with Image.open(path) as image:
       image = ImageOps.exif_transpose(image)
@@ -54,6 +57,8 @@ def load_image(path: str, resolution: int) -> np.ndarray:
     image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     image.alpha_composite(rgba)
   image = image.convert("RGB")
+  if resolution is None:
+    return np.asarray(image, dtype=np.uint8)
   width, height = image.size
   scale = resolution / min(width, height)
   if scale > 1:
