@@ -165,6 +165,14 @@ def default_identifier(pipeline: str) -> str:
   return "sks"
 
 
+def _short_name(pipeline: str) -> str:
+  """A run's workdir name for its export/ folder; else the pipeline as given."""
+  path = os.path.abspath(pipeline)
+  if os.path.basename(path) == "export":
+    return os.path.basename(os.path.dirname(path))
+  return pipeline.rstrip("/")
+
+
 def comparison_table(labels: Sequence[str], results: Sequence[dict[str, Any]]) -> str:
   width = max(12, *(len(label) for label in labels))
   lines = ["metric  " + "".join(f"{label:>{width}}" for label in labels)]
@@ -213,8 +221,8 @@ def main(argv):
       write_report(out_dir, f"DreamBooth evaluation of {pipeline}", real, prompts, images[:-1],
                    class_prompt, images[-1], metrics)
       results.append(metrics)
-  labels = [f"{'ab'[i]}: {os.path.basename(os.path.dirname(os.path.abspath(p))) or p}"
-            for i, p in enumerate(pipelines)] if FLAGS.compare else ["value"]
+  labels = [f"{'ab'[i]}: {_short_name(p)}" for i, p in enumerate(pipelines)
+            ] if FLAGS.compare else ["value"]
   table = comparison_table(labels, results)
   print(table)
   if FLAGS.compare:

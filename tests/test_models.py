@@ -110,6 +110,8 @@ def test_export_is_atomic_and_replaces_an_old_export(tmp_path, tiny):
   out = tmp_path / "export"
   out.mkdir()
   (out / "stale.txt").write_text("from a killed export")
+  # A tuned text encoder (train.train_text_encoder) is what the export must carry.
+  params = dict(params, text_encoder=jax.tree.map(lambda x: x + 0.5, params["text_encoder"]))
   models.export_pipeline(components, params, str(out))
   assert sorted(os.listdir(out)) == ["model_index.json", "scheduler", "text_encoder",
                                      "tokenizer", "unet", "vae"]
