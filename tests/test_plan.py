@@ -1,0 +1,44 @@
+"""The plan command: abstract weights, the real step compiled, per-device sizes that add up."""
+
+import jax
+import numpy as np
+import pytest
+
+from dreambooth_jax import plan
+
+count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_plan_of_the_tiny_model_counts_what_is_on_each_device(small_config, tiny):
+  _, params = tiny
+  figures = plan.plan(small_config, "builtin:tiny-sd", jax.devices())
+  assert figures["mesh"] == "8 × cpu" and figures["global_batch_rows"] == 8
+  assert figures["trained_parameters"] == count(params["unet"])
+  # Replicated: every parameter the step reads (fp32; jit drops the VAE decoder, which
+  # training never runs) and AdamW's two moments of the UNet, on every device; the batch is
+  # split over the 8 devices (1 row each).
+  unused = count(params["vae"]["decoder"]) + count(params["vae"]["post_quant_conv"])
+  expected = 4 * (count(params) - unused + 2 * count(params["unet"]))
+  row = 4 * (3 * 32 * 32 + 77 + 3)
+  argument_bytes = figures["argument_gib_per_device"] * 2**30
+  assert argument_bytes == pytest.approx(expected + row, rel=1e-3)
+  assert figures["donated_gib_per_device"] > 0  # the state's buffers are reused
+  assert figures["flops_per_step_per_device"] > 1e6
+
+
+@pytest.mark.parametrize("architecture,unet,vae,text_encoder", [
+    ("sd15", 859_520_964, 83_653_863, 123_060_480),
+    ("sd21", 865_910_724, 83_653_863, None),
+])
+def test_shipped_architectures_have_the_published_sizes(architecture, unet, vae, text_encoder):
+  _, params = plan.abstract_pipeline(plan.architecture_configs(architecture), "float32")
+  assert count(params["unet"]) == unet
+  assert count(params["vae"]) == vae
+  if text_encoder is not None:
+    assert count(params["text_encoder"]) == text_encoder
+
+
+def test_default_architecture():
+  assert plan.default_architecture("stable-diffusion-v1-5/stable-diffusion-v1-5") == "sd15"
+  assert plan.default_architecture("stabilityai/stable-diffusion-2-1") == "sd21"
+  assert plan.default_architecture("builtin:tiny-sd") == "builtin:tiny-sd"
