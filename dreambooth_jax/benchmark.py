@@ -22,11 +22,16 @@ from ml_collections import config_flags
 from dreambooth_jax import (cli_errors, config_check, demo_data, input_pipeline, models, sharding,
                             train_step)
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_integer("warmup_steps", 2, "Steps run (after compiling) before timing.")
-flags.DEFINE_integer("timed_steps", 10, "Steps timed; the median is reported.")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined only when run as a program, so that importing this module adds no flags."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_integer("warmup_steps", 2, "Steps run (after compiling) before timing.")
+  flags.DEFINE_integer("timed_steps", 10, "Steps timed; the median is reported.")
+  flags.mark_flags_as_required(["config"])
+
 
 # Dense bf16 peak FLOP/s per chip (vendor figures), for MFU. Keyed by a substring of
 # jax's device_kind, lower-cased.
@@ -136,4 +141,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -21,13 +21,19 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_integer("devices", 0, "Devices of the data-parallel mesh; 0 = those present. "
-                     "More than present are simulated on the CPU.")
-flags.DEFINE_string("architecture", "", "sd15, sd21, or a local diffusers directory; default: "
-                    "model.pretrained's directory, else sd21 for a hub id naming 2-1/2.1, else sd15.")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined only when run as a program, so that importing this module adds no flags."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_integer("devices", 0, "Devices of the data-parallel mesh; 0 = those present. "
+                       "More than present are simulated on the CPU.")
+  flags.DEFINE_string("architecture", "", "sd15, sd21, or a local diffusers directory; "
+                      "default: model.pretrained's directory, else sd21 for a hub id naming "
+                      "2-1/2.1, else sd15.")
+  flags.mark_flags_as_required(["config"])
+
 
 ARCHITECTURES = ("sd15", "sd21")
 
@@ -156,4 +162,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -42,3 +42,16 @@ def test_default_architecture():
   assert plan.default_architecture("stable-diffusion-v1-5/stable-diffusion-v1-5") == "sd15"
   assert plan.default_architecture("stabilityai/stable-diffusion-2-1") == "sd21"
   assert plan.default_architecture("builtin:tiny-sd") == "builtin:tiny-sd"
+
+
+def test_plan_cli_simulates_the_requested_device_count():
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  result = subprocess.run(
+      [sys.executable, "-m", "dreambooth_jax.plan", "--config=configs/demo.py", "--devices=2"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+  assert lines["architecture"] == "builtin:tiny-sd" and lines["mesh"] == "2 × cpu"
+  assert lines["global_batch_rows"] == "4"  # batch 2 + 2 prior
+  assert float(lines["peak_estimate_gib_per_device"]) > 0
