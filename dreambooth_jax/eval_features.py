@@ -156,10 +156,6 @@ def _unit(x: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 # Finding the files: a local directory, a hub id (downloading only what is used), or the cache.
 
-def _is_hub_id(name: str) -> bool:
-  return not name.startswith((".", "/", "~")) and name.count("/") == 1
-
-
 def _resolve(name_or_dir: str, what: str, weight_groups: Sequence[Sequence[str]],
              extra_patterns: Sequence[str], revision: str | None) -> str:
   """A local directory for `name_or_dir`: itself, or a hub snapshot of the needed files.
@@ -167,13 +163,9 @@ def _resolve(name_or_dir: str, what: str, weight_groups: Sequence[Sequence[str]]
   From the hub, one file of each group of `weight_groups` (the first the repo has) and the
   files matching `extra_patterns` are downloaded. Offline, a cached snapshot is used if any.
   """
-  if os.path.isdir(name_or_dir):
-    return name_or_dir
-  if os.path.exists(name_or_dir):
-    raise ModelLoadError(f"{what}: {name_or_dir} is a file, not a model directory")
-  if not _is_hub_id(name_or_dir):
-    raise ModelLoadError(f"{what}: {name_or_dir} is neither a local directory nor a hub id of "
-                         "the form owner/name")
+  directory = models.local_dir(name_or_dir, what)
+  if directory is not None:
+    return directory
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   from huggingface_hub import errors as hub_errors  # pylint: disable=g-import-not-at-top
   try:
@@ -589,7 +581,7 @@ def load_lpips(name_or_dir: str = LPIPS_DEFAULT, *, net: str | None = None,
     backbone_file, heads_file = _lpips_files_default(spec)
   else:
     what = "LPIPS weights"
-    if not os.path.isdir(name_or_dir) and _is_hub_id(name_or_dir):
+    if not os.path.isdir(name_or_dir) and models.is_hub_id(name_or_dir):
       hub_spec = LPIPS_NETS[net or LPIPS_DEFAULT]
       directory = _resolve(name_or_dir, what, [hub_spec.backbone_files, hub_spec.heads_files],
                            [], revision)

@@ -96,14 +96,19 @@ def resolve_pretrained(pretrained: str, revision: str | None = None) -> str:
     if not os.path.isfile(os.path.join(path, "model_index.json")):
       build_tiny_pipeline(path)
     return path
-  if os.path.isdir(pretrained):
-    return pretrained
-  if os.path.exists(pretrained):
-    raise ModelLoadError(f"model.pretrained: {pretrained} is a file, not a diffusers directory")
-  if not _is_hub_id(pretrained):
-    raise ModelLoadError(f"model.pretrained: {pretrained} is neither a local directory nor a "
-                         "hub id of the form owner/name")
-  return _download_from_hub(pretrained, revision)
+  return local_dir(pretrained, "model.pretrained") or _download_from_hub(pretrained, revision)
+
+
+def local_dir(name: str, what: str) -> str | None:
+  """`name` if it is a local directory, None if it is a hub id; otherwise a ModelLoadError."""
+  if os.path.isdir(name):
+    return name
+  if os.path.exists(name):
+    raise ModelLoadError(f"{what}: {name} is a file, not a model directory")
+  if not is_hub_id(name):
+    raise ModelLoadError(f"{what}: {name} is neither a local directory nor a hub id of the "
+                         "form owner/name")
+  return None
 
 
 def _download_from_hub(repo_id: str, revision: str | None) -> str:
@@ -154,11 +159,11 @@ def check_pretrained(pretrained: str) -> None:
       raise ModelLoadError(f"model.pretrained: unknown builtin model {pretrained!r}; "
                            f"the only one is {BUILTIN_TINY!r}")
     return
-  if os.path.exists(pretrained) or not _is_hub_id(pretrained):
+  if os.path.exists(pretrained) or not is_hub_id(pretrained):
     check_pipeline_dir(resolve_pretrained(pretrained))
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
   return not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
