@@ -84,10 +84,7 @@ def run(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int
   frozen = train_step.frozen_params(params, train_config.train_text_encoder)
   state = sharding.put_replicated(train_step.create_train_state(
       params, optimizer, config.seed, train_config.train_text_encoder), mesh)
-  replicated = sharding.replicated(mesh)
-  step_fn = train_step.jit_train_step(
-      train_step.make_train_step(components, optimizer, train_config), replicated, replicated,
-      sharding.data_sharded(mesh), replicated)
+  step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh)
   data = synthetic_data(config, components.tokenizer, mesh.size)
   batches = [sharding.put_batch(data.batch(step), mesh)
              for step in range(warmup_steps + timed_steps)]

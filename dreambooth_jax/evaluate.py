@@ -24,37 +24,43 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from dreambooth_jax import (cli_errors, dreambooth_dataset, eval_features, eval_metrics,
-                            eval_prompts, input_pipeline, models, sampling, sharding)
+from dreambooth_jax import (atomic_files, cli_errors, dreambooth_dataset, eval_features,
+                            eval_metrics, eval_prompts, input_pipeline, models, sampling,
+                            sharding)
 
-flags.DEFINE_string("pipeline", None, "Exported pipeline directory (or hub id) to evaluate.")
-flags.DEFINE_string("compare", None, "A second pipeline, evaluated the same way, side by side.")
-flags.DEFINE_string("real_dir", None, "Folder of the subject's real photos.")
-flags.DEFINE_string("subject", None, "A DreamBooth-dataset subject (e.g. dog2), instead of "
-                    "--real_dir; its class noun and live flag come from the dataset.")
-flags.DEFINE_string("dataset_dir", None, "The dataset/ folder of a clone of "
-                    f"{dreambooth_dataset.SOURCE_URL} (tfds manual_dir), for --subject.")
-flags.DEFINE_string("tfds_data_dir", None, "Where tfds keeps the prepared dataset "
-                    "(default: tfds's own, ~/tensorflow_datasets).")
-flags.DEFINE_string("class_name", None, "The class noun ('dog'); required with --real_dir.")
-flags.DEFINE_string("identifier", None, "The identifier the pipeline was tuned with (default: "
-                    "from prompts.json beside the export, else 'sks').")
-flags.DEFINE_bool("live", False, "Use the 25 live-subject templates (dogs, cats) instead of the "
-                  "25 object templates (ignored with --subject).")
-flags.DEFINE_integer("num_prompts", 0, "Use the first N templates only (0 = all 25).")
-flags.DEFINE_integer("num_images", eval_prompts.IMAGES_PER_PROMPT, "Images per prompt.")
-flags.DEFINE_string("out", None, "Output folder.")
-flags.DEFINE_integer("seed", 0, "Sampling seed; image k of every prompt starts from noise k.")
-flags.DEFINE_enum("scheduler", "ddim", sorted(models.SAMPLING_SCHEDULERS), "Sampler.")
-flags.DEFINE_integer("steps", 50, "Denoising steps.")
-flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
-flags.DEFINE_integer("resolution", 0, "Sample size in px; 0 = the UNet's native size.")
-flags.DEFINE_string("dino", eval_features.DINO_DEFAULT, "DINO model: hub id or directory.")
-flags.DEFINE_string("clip", eval_features.CLIP_DEFAULT, "CLIP model: hub id or directory.")
-flags.DEFINE_string("lpips", eval_features.LPIPS_DEFAULT,
-                    "LPIPS weights: 'alex', 'vgg', a directory or a hub id.")
-flags.mark_flags_as_required(["pipeline", "out"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined only when run as a program, so that importing this module adds no flags."""
+  flags.DEFINE_string("pipeline", None, "Exported pipeline directory (or hub id) to evaluate.")
+  flags.DEFINE_string("compare", None, "A second pipeline, evaluated the same way, side by side.")
+  flags.DEFINE_string("real_dir", None, "Folder of the subject's real photos.")
+  flags.DEFINE_string("subject", None, "A DreamBooth-dataset subject (e.g. dog2), instead of "
+                      "--real_dir; its class noun and live flag come from the dataset.")
+  flags.DEFINE_string("dataset_dir", None, "The dataset/ folder of a clone of "
+                      f"{dreambooth_dataset.SOURCE_URL} (tfds manual_dir), for --subject.")
+  flags.DEFINE_string("tfds_data_dir", None, "Where tfds keeps the prepared dataset "
+                      "(default: tfds's own, ~/tensorflow_datasets).")
+  flags.DEFINE_string("class_name", None, "The class noun ('dog'); required with --real_dir.")
+  flags.DEFINE_string("identifier", None, "The identifier the pipeline was tuned with (default: "
+                      "from prompts.json beside the export, else 'sks').")
+  flags.DEFINE_bool("live", False, "Use the 25 live-subject templates (dogs, cats) instead of the "
+                    "25 object templates (ignored with --subject).")
+  flags.DEFINE_integer("num_prompts", 0, "Use the first N templates only (0 = all 25).")
+  flags.DEFINE_integer("num_images", eval_prompts.IMAGES_PER_PROMPT, "Images per prompt.")
+  flags.DEFINE_string("out", None, "Output folder.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed; image k of every prompt starts from noise k.")
+  flags.DEFINE_enum("scheduler", "ddim", sorted(models.SAMPLING_SCHEDULERS), "Sampler.")
+  flags.DEFINE_integer("steps", 50, "Denoising steps.")
+  flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
+  flags.DEFINE_integer("resolution", 0, "Sample size in px; 0 = the UNet's native size.")
+  flags.DEFINE_string("dino", eval_features.DINO_DEFAULT, "DINO model: hub id or directory.")
+  flags.DEFINE_string("clip", eval_features.CLIP_DEFAULT, "CLIP model: hub id or directory.")
+  flags.DEFINE_string("lpips", eval_features.LPIPS_DEFAULT,
+                      "LPIPS weights: 'alex', 'vgg', a directory or a hub id.")
+  flags.mark_flags_as_required(["pipeline", "out"])
+
 
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
 
@@ -70,12 +76,9 @@ class Extractors:
 
 def generate(pipeline: str, prompts: Sequence[str], num_images: int, seed: int, scheduler: str,
              steps: int, guidance_scale: float, resolution: int) -> np.ndarray:
-  """[len(prompts), num_images, H, W, 3] uint8 samples, one prompt per sharded batch."""
+  """[len(prompts), num_images, H, W, 3] uint8 samples, as many prompts per batch as fill it."""
   components, params = models.load_pretrained(pipeline)
-  resolution = resolution or components.unet.config.sample_size * components.vae_scale_factor
-  if resolution % components.vae_scale_factor:
-    raise models.ModelLoadError(f"--resolution must be a multiple of "
-                                f"{components.vae_scale_factor}, got {resolution}")
+  resolution = sampling.sample_resolution(components, resolution)
   mesh = sharding.make_mesh()
   params = sharding.put_replicated(params, mesh)
   sampler = sampling.make_sampler(components, mesh, resolution, scheduler, steps, guidance_scale)
@@ -146,14 +149,8 @@ def write_report(out_dir: str, title: str, real: Sequence[np.ndarray], prompts: 
                        for name in METRICS)
   page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
           f"<h1>{html.escape(title)}</h1><p>{summary}</p><table>{''.join(body)}</table>")
-  _write_text(os.path.join(out_dir, "report.html"), page)
-  _write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
-
-
-def _write_text(path: str, text: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  atomic_files.write_text(os.path.join(out_dir, "report.html"), page)
+  atomic_files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
 
 
 def default_identifier(pipeline: str) -> str:
@@ -226,11 +223,12 @@ def main(argv):
   table = comparison_table(labels, results)
   print(table)
   if FLAGS.compare:
-    _write_text(os.path.join(FLAGS.out, "compare.json"), json.dumps(
-        {label: {name: r[name] for name in METRICS} for label, r in zip(labels, results)},
-        indent=2) + "\n")
+    atomic_files.write_json(
+        os.path.join(FLAGS.out, "compare.json"),
+        {label: {name: r[name] for name in METRICS} for label, r in zip(labels, results)})
   print(f"Wrote {FLAGS.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

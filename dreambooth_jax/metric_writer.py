@@ -10,6 +10,8 @@ from typing import Mapping
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from dreambooth_jax import atomic_files
+
 
 class MetricWriter:
   """Appends rows to metrics.jsonl and scalars/images to TensorBoard."""
@@ -33,10 +35,7 @@ class MetricWriter:
           kept.append(line)
       except (ValueError, KeyError):
         break  # a torn last line from a killed run
-    tmp_path = self.jsonl_path + ".tmp"
-    with open(tmp_path, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp_path, self.jsonl_path)
+    atomic_files.write_text(self.jsonl_path, "".join(kept))
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}

@@ -113,10 +113,7 @@ def plan(config, architecture: str, devices=None) -> dict[str, Any]:
            "instance_mask": jax.ShapeDtypeStruct((rows,), np.float32),
            "prior_mask": jax.ShapeDtypeStruct((rows,), np.float32),
            "example_id": jax.ShapeDtypeStruct((rows,), np.int32)}
-  replicated = sharding.replicated(mesh)
-  step_fn = train_step.jit_train_step(
-      train_step.make_train_step(components, optimizer, train_config), replicated, replicated,
-      sharding.data_sharded(mesh), replicated)
+  step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh)
   compiled = step_fn.lower(state, frozen, batch).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()

@@ -13,18 +13,22 @@ from absl import app, flags
 
 from dreambooth_jax import cli_errors, models, sampling, sharding
 
-flags.DEFINE_string("pipeline", None, "Exported pipeline directory, hub id or builtin name.")
-flags.DEFINE_multi_string("prompt", None, "Prompt to sample; repeat the flag for several.")
-flags.DEFINE_integer("num_images", 4, "Images per prompt.")
-flags.DEFINE_string("out", None, "Output folder for prompt<i>_<k>.png, grid.png, prompts.json.")
-flags.DEFINE_integer("seed", 0, "Seed; image k of a prompt always starts from the same noise.")
-flags.DEFINE_enum("scheduler", "ddim", sorted(models.SAMPLING_SCHEDULERS), "Sampler.")
-flags.DEFINE_integer("steps", 50, "Denoising steps.")
-flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
-flags.DEFINE_integer("resolution", 0, "Image size in px; 0 = the UNet's native sample size.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
-flags.mark_flags_as_required(["pipeline", "prompt", "out"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined only when run as a program, so that importing this module adds no flags."""
+  flags.DEFINE_string("pipeline", None, "Exported pipeline directory, hub id or builtin name.")
+  flags.DEFINE_multi_string("prompt", None, "Prompt to sample; repeat the flag for several.")
+  flags.DEFINE_integer("num_images", 4, "Images per prompt.")
+  flags.DEFINE_string("out", None, "Output folder for prompt<i>_<k>.png, grid.png, prompts.json.")
+  flags.DEFINE_integer("seed", 0, "Seed; image k of a prompt always starts from the same noise.")
+  flags.DEFINE_enum("scheduler", "ddim", sorted(models.SAMPLING_SCHEDULERS), "Sampler.")
+  flags.DEFINE_integer("steps", 50, "Denoising steps.")
+  flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
+  flags.DEFINE_integer("resolution", 0, "Image size in px; 0 = the UNet's native sample size.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
+  flags.mark_flags_as_required(["pipeline", "prompt", "out"])
 
 
 def main(argv):
@@ -35,11 +39,7 @@ def main(argv):
       raise app.UsageError(f"--{name} must be >= 1")
   with cli_errors.one_line_errors():
     components, params = models.load_pretrained(FLAGS.pipeline, dtype=FLAGS.dtype)
-    resolution = FLAGS.resolution or (components.unet.config.sample_size *
-                                      components.vae_scale_factor)
-    if resolution % components.vae_scale_factor:
-      raise models.ModelLoadError(f"--resolution must be a multiple of "
-                                  f"{components.vae_scale_factor}, got {resolution}")
+    resolution = sampling.sample_resolution(components, FLAGS.resolution)
     mesh = sharding.make_mesh()
     sampling.write_samples(components, sharding.put_replicated(params, mesh), mesh, FLAGS.prompt,
                            FLAGS.num_images, FLAGS.out, resolution, FLAGS.scheduler,
@@ -49,4 +49,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -7,7 +7,6 @@ device count: a resumed class-image generation re-makes exactly the missing file
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Sequence
 
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dreambooth_jax import input_pipeline, models, sharding
+from dreambooth_jax import atomic_files, input_pipeline, models, sharding
 
 
 def make_sampler(components: models.Components, mesh: jax.sharding.Mesh, resolution: int,
@@ -79,6 +78,15 @@ def generate(sampler: Callable, params, mesh: jax.sharding.Mesh, prompt_ids: np.
   return np.asarray(jax.device_get(images))[:num]
 
 
+def sample_resolution(components: models.Components, requested: int) -> int:
+  """`requested` px (0 = the UNet's native size), checked against the VAE's factor."""
+  resolution = requested or components.unet.config.sample_size * components.vae_scale_factor
+  if resolution % components.vae_scale_factor:
+    raise models.ModelLoadError(f"--resolution must be a multiple of "
+                                f"{components.vae_scale_factor}, got {resolution}")
+  return resolution
+
+
 def write_png(image: np.ndarray, path: str,
               before_commit: Callable[[], None] | None = None) -> None:
   """Writes a PNG atomically: a killed process leaves either the whole file or none."""
@@ -124,6 +132,6 @@ def write_samples(components: models.Components, params, mesh: jax.sharding.Mesh
       write_png(image, os.path.join(out_dir, f"prompt{prompt_index}_{index:03d}.png"))
   grid = make_grid(images.reshape(-1, *images.shape[2:]), columns=num_images)
   write_png(grid, os.path.join(out_dir, "grid.png"))
-  with open(os.path.join(out_dir, "prompts.json"), "w") as f:
-    json.dump({f"prompt{i}": p for i, p in enumerate(prompts)}, f, indent=2)
+  atomic_files.write_json(os.path.join(out_dir, "prompts.json"),
+                          {f"prompt{i}": p for i, p in enumerate(prompts)})
   return grid

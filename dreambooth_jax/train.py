@@ -17,9 +17,9 @@ import ml_collections
 from absl import logging
 from tqdm import tqdm
 
-from dreambooth_jax import (checkpoints, class_images, config_check, demo_data, faults,
-                            identifiers, input_pipeline, metric_writer, models, preemption,
-                            sampling, sharding, train_step, workdir_lock)
+from dreambooth_jax import (atomic_files, checkpoints, class_images, config_check, demo_data,
+                            faults, identifiers, input_pipeline, metric_writer, models,
+                            preemption, sampling, sharding, train_step, workdir_lock)
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -30,16 +30,7 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       previous = json.load(f)
     for change in config_check.check_resume(previous, config):
       logging.warning("Resuming with a changed config (resume_ignore_changes): %s", change)
-  with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-  os.replace(path + ".tmp", path)
-
-
-def write_json(path: str, value) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+  atomic_files.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def _holds_results(workdir: str) -> bool:
@@ -80,7 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
           f"config.data.resolution: {data_config.resolution} is not a multiple of the VAE's "
           f"downsampling factor {components.vae_scale_factor}")
     prompts = identifiers.resolve_prompts(data_config, components.tokenizer, config.seed)
-    write_json(os.path.join(workdir, "prompts.json"), dataclasses.asdict(prompts))
+    atomic_files.write_json(os.path.join(workdir, "prompts.json"), dataclasses.asdict(prompts))
     logging.info("Identifier %r; instance prompt %r; class prompt %r", prompts.identifier,
                  prompts.instance_prompt, prompts.class_prompt)
     mesh = sharding.make_mesh()
@@ -120,10 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
           "workdir's newest checkpoint is")
 
     writer = metric_writer.MetricWriter(workdir, start_step)
-    replicated = sharding.replicated(mesh)
-    step_fn = train_step.jit_train_step(
-        train_step.make_train_step(components, optimizer, train_config),
-        replicated, replicated, sharding.data_sharded(mesh), replicated)
+    step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh)
     eval_config = config.eval
     if eval_config.every_steps:  # validation grids during training, compiled once
       eval_prompts = [prompts.fill(p, data_config.class_name)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dreambooth_jax import models
+from dreambooth_jax import models, sharding
 
 PyTree = Any
 
@@ -230,6 +230,14 @@ def make_train_step(components: models.Components, optimizer: optax.GradientTran
 def frozen_params(params: dict[str, PyTree], train_text_encoder: bool) -> dict[str, PyTree]:
   trained = trainable_names(train_text_encoder)
   return {name: value for name, value in params.items() if name not in trained}
+
+
+def jit_on_mesh(components: models.Components, optimizer: optax.GradientTransformation,
+                train_config, mesh: jax.sharding.Mesh) -> Callable:
+  """The train step jitted for `mesh`: state and frozen params replicated, the batch split."""
+  replicated = sharding.replicated(mesh)
+  return jit_train_step(make_train_step(components, optimizer, train_config), replicated,
+                        replicated, sharding.data_sharded(mesh), replicated)
 
 
 def jit_train_step(train_step: Callable, state_sharding, frozen_sharding, batch_sharding,
