@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute dtype of the UNet, VAE and text encoder: "float32", "bfloat16" or "float16".
   # Trained parameters and optimizer state always stay float32.
   config.model.dtype = "float32"
+  # Attention computed in query chunks (diffusers' jax_memory_efficient_attention): less memory
+  # at high resolution, same result; usually slower on small images.
+  config.model.memory_efficient_attention = False
 
   config.data = ml_collections.ConfigDict()
   # Folder of 3-5 subject photos (jpg, jpeg, png, webp), or "builtin:demo-toy" (generated).
@@ -101,6 +104,25 @@ def get_config() -> ml_collections.ConfigDict:
   # checkpoint. true instead skips such steps (no update) and counts them in the metric
   # `nonfinite_steps`.
   config.train.skip_nonfinite_steps = False
+  # dtype of the trained parameters (the fp32 master weights) and of AdamW's moments:
+  # "float32", or "bfloat16" to halve their memory at some cost in precision.
+  config.train.param_dtype = "float32"
+  # Speed and memory levers; none changes the loss beyond float rounding.
+  # Encode every instance and class image with the VAE once before training (both flips when
+  # data.random_flip) and sample each step's latent from the cached mean and std. Needs
+  # data.center_crop (random crops are encoded every step).
+  config.train.cache_latents = True
+  # Embed the instance and class prompts once when the text encoder is frozen.
+  config.train.cache_text_embeddings = True
+  # Split each step's batch into this many micro-batches run one after another, summing their
+  # gradients: the same update as the whole batch, in less memory.
+  config.train.grad_accum_steps = 1
+  # Gradient checkpointing: recompute the activations of each UNet ResNet and transformer
+  # block in the backward pass instead of keeping them (less memory, ~30% more compute).
+  config.train.remat = False
+  # Batches built on a background thread and put on the devices this many steps ahead of the
+  # step that uses them; 0 = built in the loop.
+  config.train.prefetch_batches = 2
 
   config.checkpoint = ml_collections.ConfigDict()
   # Save an Orbax checkpoint every this many steps (and always at the end).

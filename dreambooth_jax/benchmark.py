@@ -1,14 +1,19 @@
 """Speed of the real train step on synthetic data: compile time, s/step, images/s, memory, MFU.
 
-python -m dreambooth_jax.benchmark --config=configs/demo.py [--config.train.batch_size=4 ...]
+python -m dreambooth_jax.benchmark --config=configs/demo.py [--devices=8] [--compare]
+    [--config.train.batch_size=4 ...]
 
-The step is the one train.py runs (same jit, shardings and donation), fed random images of the
-configured resolution, so no class images are generated and nothing is written. Prints one
-`name: value` line per figure.
+The step is the one train.py runs (same caches, prefetching, jit, shardings and donation), fed
+random images of the configured resolution, so no class images are generated and nothing is
+written. Prints one `name: value` line per figure; --compare then prints a markdown table of
+s/step with each optimisation switched off (and each memory lever on), one at a time. It does
+not turn on the persistent compilation cache (unless $JAX_COMPILATION_CACHE_DIR is set), so
+compile times are real.
 """
 
 from dreambooth_jax import quiet  # noqa: F401  pylint: disable=unused-import
 
+import copy
 import statistics
 import time
 from typing import Any
@@ -19,8 +24,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dreambooth_jax import (cli_errors, config_check, demo_data, input_pipeline, models, sharding,
-                            train_step)
+from dreambooth_jax import (cli_errors, config_check, demo_data, frozen_cache, input_pipeline,
+                            models, prefetch, sharding, train_step)
 
 FLAGS = flags.FLAGS
 
@@ -30,6 +35,10 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
   flags.DEFINE_integer("warmup_steps", 2, "Steps run (after compiling) before timing.")
   flags.DEFINE_integer("timed_steps", 10, "Steps timed; the median is reported.")
+  flags.DEFINE_integer("devices", 0, "Devices of the data-parallel mesh; 0 = those present. "
+                       "More than present are simulated on the CPU.")
+  flags.DEFINE_bool("compare", False, "Also run the config with each optimisation switched "
+                    "off (and each memory lever on), one at a time, and print a table.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -57,69 +66,118 @@ def peak_flops(device_kind: str) -> float | None:
   return None
 
 
-def synthetic_data(config: ml_collections.ConfigDict, tokenizer, pad_to_multiple: int
+def synthetic_data(config: ml_collections.ConfigDict, components: models.Components,
+                   params: dict[str, Any], mesh: jax.sharding.Mesh
                    ) -> input_pipeline.DreamBoothData:
-  """Random instance and class images of the configured size, the configured prompts."""
+  """Random instance and class images of the configured size, cached as the config says."""
   rng = np.random.default_rng(0)
   size = config.data.resolution
   images = lambda n: [rng.integers(0, 256, (size, size, 3), np.uint8) for _ in range(n)]
   with_prior = config.train.with_prior_preservation
-  return input_pipeline.DreamBoothData(
-      instance_images=images(4), class_images=images(4) if with_prior else [],
-      instance_ids=input_pipeline.tokenize(tokenizer, "a photo of sks dog"),
-      class_ids=input_pipeline.tokenize(tokenizer, "a photo of dog"),
-      batch_size=config.train.batch_size, resolution=size, center_crop=True,
-      random_flip=config.data.random_flip, seed=config.seed, pad_to_multiple=pad_to_multiple)
+  return frozen_cache.training_data(config, components, params, mesh, images(4),
+                                    images(4) if with_prior else [], "a photo of sks dog",
+                                    "a photo of dog")
 
 
-def run(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int
-        ) -> dict[str, Any]:
-  """Compiles and times the train step; returns the figures."""
-  components, params = models.load_pretrained(config.model.pretrained,
-                                              config.model.revision or None, config.model.dtype)
-  mesh = sharding.make_mesh()
+def run(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
+        devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Compiles and times the train step as train.py runs it; returns the figures.
+
+  A step's time runs from the end of the previous step to the end of this one, so building
+  and transferring its batch counts unless it was prefetched during the previous step.
+  """
+  components, params = models.load_configured(config.model)
+  mesh = sharding.make_mesh(devices)
   params = sharding.put_replicated(params, mesh)
   train_config = config.train
   optimizer = train_step.make_optimizer(train_config)
-  frozen = train_step.frozen_params(params, train_config.train_text_encoder)
+  data = synthetic_data(config, components, params, mesh)
+  frozen = train_step.frozen_params(params, train_config.train_text_encoder,
+                                    data.instance_latents is not None,
+                                    data.prompt_embeddings is not None)
   state = sharding.put_replicated(train_step.create_train_state(
-      params, optimizer, config.seed, train_config.train_text_encoder), mesh)
+      params, optimizer, config.seed, train_config.train_text_encoder,
+      train_config.param_dtype), mesh)
   step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh)
-  data = synthetic_data(config, components.tokenizer, mesh.size)
-  batches = [sharding.put_batch(data.batch(step), mesh)
-             for step in range(warmup_steps + timed_steps)]
+  put = lambda step: sharding.put_batch(data.batch(step), mesh)
 
   start = time.perf_counter()
-  compiled = step_fn.lower(state, frozen, batches[0]).compile()
+  compiled = step_fn.lower(state, frozen, put(0)).compile()
   compile_seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  memory = compiled.memory_analysis()
 
   durations = []
+  batches = prefetch.prefetched(put, range(warmup_steps + timed_steps),
+                                train_config.prefetch_batches)
+  last = time.perf_counter()
   for index, batch in enumerate(batches):
-    start = time.perf_counter()
     state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready((state, metrics))
+    now = time.perf_counter()
     if index >= warmup_steps:
-      durations.append(time.perf_counter() - start)
+      durations.append(now - last)
+    last = now
   seconds = statistics.median(durations)
   rows = train_config.batch_size * (2 if data.with_prior else 1)
   figures = {
-      "devices": f"{mesh.size} × {jax.devices()[0].device_kind}",
+      "devices": f"{mesh.size} × {mesh.devices.flat[0].device_kind}",
       "compile_seconds": compile_seconds,
       "seconds_per_step": seconds,
       "images_per_second": rows / seconds,
       "flops_per_step": flops,
+      "temporary_gib_per_device": memory.temp_size_in_bytes / 2**30 if memory else None,
   }
-  memory = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in memory:
-    figures["peak_device_memory_gib"] = memory["peak_bytes_in_use"] / 2**30
-  peak = peak_flops(jax.devices()[0].device_kind)
+  device = mesh.devices.flat[0]
+  device_memory = device.memory_stats() or {}
+  if "peak_bytes_in_use" in device_memory:  # since the process started
+    figures["peak_device_memory_gib"] = device_memory["peak_bytes_in_use"] / 2**30
+  peak = peak_flops(device.device_kind)
   if peak and flops:
     # cost_analysis counts the whole (SPMD-partitioned) program of one device.
     figures["mfu"] = flops / seconds / peak
   return figures
+
+
+def comparisons(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+  """(field, value) switching one optimisation of `config` off, or a memory lever on."""
+  changes = [("train.cache_latents", False), ("train.cache_text_embeddings", False),
+             ("train.prefetch_batches", 0),
+             ("model.dtype", "float32" if config.model.dtype != "float32" else "bfloat16"),
+             ("train.remat", True), ("model.memory_efficient_attention", True),
+             ("train.grad_accum_steps", 2 * config.train.grad_accum_steps)]
+  current = lambda field: config[field.split(".")[0]][field.split(".")[1]]
+  return [(field, value) for field, value in changes if current(field) != value]
+
+
+def compare(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
+            devices: list[jax.Device] | None = None) -> list[dict[str, Any]]:
+  """run() of the config as given, then of each comparison; one row each."""
+  rows = []
+  for field, value in [("", None)] + comparisons(config):
+    variant = copy.deepcopy(config)
+    if field:
+      section, name = field.split(".")
+      with variant.unlocked():
+        variant[section][name] = value
+    figures = run(variant, warmup_steps, timed_steps, devices)
+    rows.append({"setting": f"{field}={value}" if field else "as configured", **figures})
+  return rows
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+  """A markdown table: s/step, its ratio to the first row, and compiler temp memory."""
+  base = rows[0]["seconds_per_step"]
+  lines = ["| setting | s/step | vs as configured | temp GiB/device | compile s |",
+           "| --- | --- | --- | --- | --- |"]
+  for row in rows:
+    temp = row["temporary_gib_per_device"]
+    lines.append(f"| {row['setting']} | {row['seconds_per_step']:.4f} | "
+                 f"{row['seconds_per_step'] / base:.2f}× | "
+                 f"{'n/a' if temp is None else f'{temp:.4f}'} | {row['compile_seconds']:.1f} |")
+  return "\n".join(lines)
 
 
 def main(argv):
@@ -130,11 +188,21 @@ def main(argv):
   config = FLAGS.config
   # Synthetic images are used: a config without photos (e.g. sd15.py) is benchmarked as is.
   config.data.instance_dir = config.data.instance_dir or demo_data.BUILTIN_DEMO_TOY
+  if FLAGS.devices < 0:
+    raise app.UsageError("--devices must be >= 0")
   with cli_errors.one_line_errors():
     config_check.check_config(config)
-    figures = run(config, FLAGS.warmup_steps, FLAGS.timed_steps)
+    devices = sharding.use_devices(FLAGS.devices)
+    if FLAGS.compare:
+      rows = compare(config, FLAGS.warmup_steps, FLAGS.timed_steps, devices)
+      figures = rows[0]
+    else:
+      figures = run(config, FLAGS.warmup_steps, FLAGS.timed_steps, devices)
   for name, value in figures.items():
-    print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
+    if name != "setting" and value is not None:
+      print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
+  if FLAGS.compare:
+    print(format_comparison(rows))
 
 
 if __name__ == "__main__":

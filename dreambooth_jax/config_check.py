@@ -12,6 +12,7 @@ from configs import common
 from dreambooth_jax import demo_data, identifiers, input_pipeline, models
 
 DTYPES = ("float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -109,6 +110,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
            f"{train.text_encoder_steps}")
   _require(train.min_snr_gamma >= 0, "train.min_snr_gamma", "must be >= 0 (0 = off)")
   _require(train.offset_noise >= 0, "train.offset_noise", "must be >= 0 (0 = off)")
+  _require(train.param_dtype in PARAM_DTYPES, "train.param_dtype",
+           f"must be one of {PARAM_DTYPES}, got {train.param_dtype!r}")
+  _require(train.grad_accum_steps >= 1, "train.grad_accum_steps",
+           f"must be >= 1, got {train.grad_accum_steps}")
+  _require(train.prefetch_batches >= 0, "train.prefetch_batches",
+           f"must be >= 0 (0 = off), got {train.prefetch_batches}")
   uses_class = any("class" in identifiers.placeholder_names(prompt) for prompt in (
       data.instance_prompt, data.class_prompt, *config.sample.prompts, *config.eval.prompts))
   _require(bool(data.class_name.strip()) or not uses_class, "data.class_name",
@@ -166,12 +173,17 @@ def check_workdir(workdir: str) -> None:
 # Fields that may differ between a run and its resumption: they change neither the math of
 # the steps already taken nor the data they used.
 CHANGEABLE_ON_RESUME = ("resume_ignore_changes", "train.steps", "checkpoint.", "log.", "sample.",
-                        "class_images.batch_size")
+                        "class_images.batch_size", "train.cache_latents",
+                        "train.cache_text_embeddings", "train.grad_accum_steps", "train.remat",
+                        "train.prefetch_batches", "model.memory_efficient_attention")
 
 
 def changed_fields(previous: dict, config: ml_collections.ConfigDict) -> list[str]:
-  """'field: old → new' for each field (beyond CHANGEABLE_ON_RESUME) that differs."""
-  old = _flatten(ml_collections.ConfigDict(previous))
+  """'field: old → new' for each field (beyond CHANGEABLE_ON_RESUME) that differs.
+
+  A field the old run's config.json lacks (written before the field existed) had its default.
+  """
+  old = {**_flatten(common.get_config()), **_flatten(ml_collections.ConfigDict(previous))}
   new = _flatten(ml_collections.ConfigDict(json.loads(config.to_json_best_effort())))
   changes = []
   for field in sorted(set(old) | set(new)):

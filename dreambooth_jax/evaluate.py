@@ -24,9 +24,9 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from dreambooth_jax import (atomic_files, cli_errors, dreambooth_dataset, eval_features,
-                            eval_metrics, eval_prompts, input_pipeline, models, sampling,
-                            sharding)
+from dreambooth_jax import (atomic_files, cli_errors, compilation_cache, dreambooth_dataset,
+                            eval_features, eval_metrics, eval_prompts, input_pipeline, models,
+                            sampling, sharding)
 
 FLAGS = flags.FLAGS
 
@@ -186,6 +186,7 @@ def main(argv):
       raise app.UsageError(f"--{name} must be >= 1")
   if (FLAGS.real_dir is None) == (FLAGS.subject is None):
     raise app.UsageError("give either --real_dir (with --class_name) or --subject")
+  compilation_cache.enable()
   with cli_errors.one_line_errors():
     if FLAGS.subject:
       real, class_name, live = dreambooth_dataset.load_subject(

@@ -68,13 +68,18 @@ def load_image(path: str, resolution: int | None) -> np.ndarray:
   return np.asarray(image, dtype=np.uint8)
 
 
-def crop(image: np.ndarray, resolution: int, center: bool, rng: np.random.Generator) -> np.ndarray:
-  height, width = image.shape[:2]
+def crop_offsets(height: int, width: int, resolution: int, center: bool,
+                 rng: np.random.Generator | None) -> tuple[int, int]:
+  """(top, left) of a resolution-sized crop: the centre, or uniform (draws 2 numbers)."""
   if center:
-    top, left = (height - resolution) // 2, (width - resolution) // 2
-  else:
-    top = int(rng.integers(0, height - resolution + 1))
-    left = int(rng.integers(0, width - resolution + 1))
+    return (height - resolution) // 2, (width - resolution) // 2
+  return (int(rng.integers(0, height - resolution + 1)),
+          int(rng.integers(0, width - resolution + 1)))
+
+
+def crop(image: np.ndarray, resolution: int, center: bool,
+         rng: np.random.Generator | None) -> np.ndarray:
+  top, left = crop_offsets(*image.shape[:2], resolution, center, rng)
   return image[top:top + resolution, left:left + resolution]
 
 
@@ -91,11 +96,29 @@ def tokenize(tokenizer, prompt: str) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class LatentDistributions:
+  """The VAE's latent distribution of each training image, encoded once (frozen_cache.py)."""
+  mean: np.ndarray  # float32 [images, variants, h, w, c]; variant 1 is the flipped image
+  std: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """Which image a batch row shows, and how it is cropped and flipped."""
+  index: int
+  top: int
+  left: int
+  flip: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class DreamBoothData:
   """Preloaded images and token ids; `batch(step)` builds a step's global batch.
 
   Rows are [instance × batch_size, prior × batch_size (if any), padding]. Padding rows (so the
-  batch splits evenly over devices) have zero masks and never touch the loss.
+  batch splits evenly over devices) have zero masks and never touch the loss. With cached
+  latents a row carries its image's latent mean and std instead of its pixels, and with cached
+  prompt embeddings its prompt's embedding instead of token ids (frozen_cache.py).
   """
   instance_images: list[np.ndarray]
   class_images: list[np.ndarray]
@@ -107,6 +130,9 @@ class DreamBoothData:
   random_flip: bool
   seed: int
   pad_to_multiple: int = 1
+  instance_latents: LatentDistributions | None = None
+  class_latents: LatentDistributions | None = None
+  prompt_embeddings: np.ndarray | None = None  # [instance, class] × [tokens, features]
 
   @property
   def with_prior(self) -> bool:
@@ -117,43 +143,54 @@ class DreamBoothData:
     real = self.batch_size * (2 if self.with_prior else 1)
     return -(-real // self.pad_to_multiple) * self.pad_to_multiple
 
-  def _pick(self, images: list[np.ndarray], stream: int, step: int) -> list[np.ndarray]:
+  def _choose(self, images: list[np.ndarray], stream: int, step: int) -> list[Choice]:
     """`batch_size` images for `step`: epochs of seeded permutations, crops and flips."""
-    chosen = []
+    choices = []
     for slot in range(self.batch_size):
       counter = step * self.batch_size + slot
       epoch, position = divmod(counter, len(images))
-      order = np.random.default_rng([self.seed, stream, epoch]).permutation(len(images))
+      index = int(np.random.default_rng([self.seed, stream, epoch]).permutation(len(images))[
+          position])
       rng = np.random.default_rng([self.seed, stream, counter, 1])
-      image = crop(images[order[position]], self.resolution, self.center_crop, rng)
-      if self.random_flip and rng.random() < 0.5:
-        image = image[:, ::-1]
-      chosen.append(image)
-    return chosen
+      top, left = crop_offsets(*images[index].shape[:2], self.resolution, self.center_crop, rng)
+      flip = bool(self.random_flip and rng.random() < 0.5)
+      choices.append(Choice(index, top, left, flip))
+    return choices
+
+  def _pixels(self, images: list[np.ndarray], choices: list[Choice]) -> list[np.ndarray]:
+    size = self.resolution
+    crops = [images[c.index][c.top:c.top + size, c.left:c.left + size] for c in choices]
+    return [crop[:, ::-1] if c.flip else crop for crop, c in zip(crops, choices)]
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    images = self._pick(self.instance_images, 0, step)
-    ids = [self.instance_ids] * self.batch_size
-    instance_mask = [1.0] * self.batch_size
-    if self.with_prior:
-      images += self._pick(self.class_images, 1, step)
-      ids += [self.class_ids] * self.batch_size
-      instance_mask += [0.0] * self.batch_size
-    prior_mask = [1.0 - m for m in instance_mask]
-    num_real = len(images)
-    for _ in range(self.num_rows - num_real):
-      images.append(images[0])
-      ids.append(ids[0])
-      instance_mask.append(0.0)
-      prior_mask.append(0.0)
-    return {
-        "pixel_values": to_model_range(np.stack(images)),
-        "input_ids": np.stack(ids),
-        "instance_mask": np.asarray(instance_mask, np.float32),
-        "prior_mask": np.asarray(prior_mask, np.float32),
-        # Keys the per-example noise, so the loss does not depend on the row's device.
-        "example_id": np.arange(self.num_rows, dtype=np.int32),
-    }
+    instance_choices = self._choose(self.instance_images, 0, step)
+    class_choices = self._choose(self.class_images, 1, step) if self.with_prior else []
+    num_real = len(instance_choices) + len(class_choices)
+    padding = [0] * (self.num_rows - num_real)  # copies of row 0
+    prompt = [0] * len(instance_choices) + [1] * len(class_choices) + padding
+    instance_mask = np.zeros(self.num_rows, np.float32)
+    instance_mask[:len(instance_choices)] = 1.0
+    prior_mask = np.zeros(self.num_rows, np.float32)
+    prior_mask[len(instance_choices):num_real] = 1.0
+    batch = {"instance_mask": instance_mask, "prior_mask": prior_mask,
+             # Keys the per-example noise, so the loss does not depend on the row's device.
+             "example_id": np.arange(self.num_rows, dtype=np.int32)}
+    if self.instance_latents is not None:
+      rows = [(self.instance_latents, c) for c in instance_choices]
+      rows += [(self.class_latents, c) for c in class_choices]
+      rows += [rows[0]] * len(padding)
+      batch["latent_mean"] = np.stack([dist.mean[c.index, int(c.flip)] for dist, c in rows])
+      batch["latent_std"] = np.stack([dist.std[c.index, int(c.flip)] for dist, c in rows])
+    else:
+      images = self._pixels(self.instance_images, instance_choices)
+      images += self._pixels(self.class_images, class_choices)
+      images += [images[0]] * len(padding)
+      batch["pixel_values"] = to_model_range(np.stack(images))
+    if self.prompt_embeddings is not None:
+      batch["encoder_hidden_states"] = self.prompt_embeddings[prompt]
+    else:
+      batch["input_ids"] = np.stack([self.instance_ids, self.class_ids])[prompt]
+    return batch
 
 
 def load_images(paths: list[str], resolution: int) -> list[np.ndarray]:

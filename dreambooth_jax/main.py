@@ -5,11 +5,10 @@ from dreambooth_jax import quiet  # noqa: F401  pylint: disable=unused-import
 import os
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dreambooth_jax import cli_errors, models, train
+from dreambooth_jax import cli_errors, compilation_cache, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -35,9 +34,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  jax.config.update("jax_compilation_cache_dir",
-                    os.environ.get("JAX_COMPILATION_CACHE_DIR",
-                                   os.path.join(models.cache_dir(), "jax_cache")))
+  compilation_cache.enable()
   with cli_errors.one_line_errors():
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   workdir = os.path.abspath(FLAGS.workdir)

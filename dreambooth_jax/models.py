@@ -8,6 +8,7 @@ present, else PyTorch weights (safetensors or .bin) are converted on load, which
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 from dreambooth_jax import quiet  # noqa: F401  (must precede diffusers/transformers)
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from diffusers import (FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDDPMScheduler,
@@ -197,8 +199,9 @@ def _load_text_encoder(directory: str, dtype):
   return model, model.params
 
 
-def load_pretrained(pretrained: str, revision: str | None = None,
-                    dtype: str = "float32") -> tuple[Components, dict[str, Any]]:
+def load_pretrained(pretrained: str, revision: str | None = None, dtype: str = "float32",
+                    memory_efficient_attention: bool = False
+                    ) -> tuple[Components, dict[str, Any]]:
   """Returns the module definitions and float32 params {'unet', 'vae', 'text_encoder'}."""
   directory = resolve_pretrained(pretrained, revision)
   check_pipeline_dir(directory)
@@ -210,11 +213,42 @@ def load_pretrained(pretrained: str, revision: str | None = None,
   tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
   with open(os.path.join(directory, "scheduler", "scheduler_config.json")) as f:
     scheduler_config = json.load(f)
+  if memory_efficient_attention:
+    unet = unet.clone(use_memory_efficient_attention=True)
   components = Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
                           scheduler_config=scheduler_config)
   params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   return components, params
+
+
+@contextlib.contextmanager
+def unet_block_remat(enabled: bool = True):
+  """While a UNet is traced inside, its ResNet and transformer blocks are rematerialized.
+
+  diffusers' Flax UNet has no gradient-checkpointing option, and its blocks build their
+  ResNets and transformers by these module-level names, so for the trace they name
+  `nn.remat` versions: same parameters, activations recomputed in the backward pass.
+  """
+  if not enabled:
+    yield
+    return
+  from diffusers.models.unets import unet_2d_blocks_flax as blocks  # pylint: disable=g-import-not-at-top
+  originals = {name: getattr(blocks, name)
+               for name in ("FlaxResnetBlock2D", "FlaxTransformer2DModel")}
+  try:
+    for name, module in originals.items():
+      setattr(blocks, name, nn.remat(module))
+    yield
+  finally:
+    for name, module in originals.items():
+      setattr(blocks, name, module)
+
+
+def load_configured(model_config) -> tuple[Components, dict[str, Any]]:
+  """load_pretrained with a config's model.* fields."""
+  return load_pretrained(model_config.pretrained, model_config.revision or None,
+                         model_config.dtype, model_config.memory_efficient_attention)
 
 
 def load_tokenizer(pretrained: str, revision: str | None = None) -> CLIPTokenizer:

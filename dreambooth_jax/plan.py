@@ -65,7 +65,8 @@ def default_architecture(pretrained: str) -> str:
   return "sd21" if ("2-1" in pretrained or "2.1" in pretrained) else "sd15"
 
 
-def abstract_pipeline(configs: dict[str, dict[str, Any]], dtype: str):
+def abstract_pipeline(configs: dict[str, dict[str, Any]], dtype: str,
+                      memory_efficient_attention: bool = False):
   """(Components, abstract float32 params): modules from configs, parameters as shapes only."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -73,7 +74,8 @@ def abstract_pipeline(configs: dict[str, dict[str, Any]], dtype: str):
   from transformers import CLIPTextConfig, FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
   from dreambooth_jax import models  # pylint: disable=g-import-not-at-top
   compute = jnp.dtype(dtype)
-  unet = FlaxUNet2DConditionModel.from_config(configs["unet"], dtype=compute)
+  unet = FlaxUNet2DConditionModel.from_config(
+      configs["unet"], dtype=compute, use_memory_efficient_attention=memory_efficient_attention)
   vae = FlaxAutoencoderKL.from_config(configs["vae"], dtype=compute)
   text_config = CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items()
                                   if k not in ("architectures", "model_type")})
@@ -90,29 +92,53 @@ def abstract_pipeline(configs: dict[str, dict[str, Any]], dtype: str):
   return components, params
 
 
+def placeholder_data(config, components, num_devices: int):
+  """Training data of the run's layout (pixels or cached latents, ids or cached embeddings)
+  holding zeros: its batches have the shapes and dtypes of the real ones."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dreambooth_jax import frozen_cache, input_pipeline  # pylint: disable=g-import-not-at-top
+  size = config.data.resolution
+  images = [np.zeros((size, size, 3), np.uint8)]
+  with_prior = config.train.with_prior_preservation
+  cached = {}
+  if frozen_cache.caches_latents(config):
+    latent_size = size // components.vae_scale_factor
+    zeros = np.zeros((1, 2 if config.data.random_flip else 1, latent_size, latent_size,
+                      components.vae.config.latent_channels), np.float32)
+    latents = input_pipeline.LatentDistributions(mean=zeros, std=zeros)
+    cached.update(instance_latents=latents, class_latents=latents if with_prior else None)
+  if frozen_cache.caches_prompt_embeddings(config):
+    text_config = components.text_encoder.config
+    cached["prompt_embeddings"] = np.zeros(
+        (2, text_config.max_position_embeddings, text_config.hidden_size),
+        components.text_encoder.dtype)
+  ids = np.zeros(components.text_encoder.config.max_position_embeddings, np.int32)
+  return input_pipeline.DreamBoothData(
+      instance_images=images, class_images=images if with_prior else [], instance_ids=ids,
+      class_ids=ids, batch_size=config.train.batch_size, resolution=size,
+      center_crop=config.data.center_crop, random_flip=config.data.random_flip, seed=0,
+      pad_to_multiple=num_devices * config.train.grad_accum_steps, **cached)
+
+
 def plan(config, architecture: str, devices=None) -> dict[str, Any]:
   """Compiles the train step for abstract inputs; returns per-device memory and FLOPs."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dreambooth_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
   configs = architecture_configs(architecture)
-  components, params = abstract_pipeline(configs, config.model.dtype)
+  components, params = abstract_pipeline(configs, config.model.dtype,
+                                         config.model.memory_efficient_attention)
   mesh = sharding.make_mesh(devices)
   train_config = config.train
   optimizer = train_step.make_optimizer(train_config)
   trained = train_config.train_text_encoder
-  state = jax.eval_shape(lambda p: train_step.create_train_state(p, optimizer, 0, trained),
-                         params)
-  frozen = train_step.frozen_params(params, trained)
-  size = config.data.resolution
-  rows = train_config.batch_size * (2 if train_config.with_prior_preservation else 1)
-  rows = -(-rows // mesh.size) * mesh.size
-  length = components.text_encoder.config.max_position_embeddings
-  batch = {"pixel_values": jax.ShapeDtypeStruct((rows, 3, size, size), np.float32),
-           "input_ids": jax.ShapeDtypeStruct((rows, length), np.int32),
-           "instance_mask": jax.ShapeDtypeStruct((rows,), np.float32),
-           "prior_mask": jax.ShapeDtypeStruct((rows,), np.float32),
-           "example_id": jax.ShapeDtypeStruct((rows,), np.int32)}
+  state = jax.eval_shape(lambda p: train_step.create_train_state(
+      p, optimizer, 0, trained, train_config.param_dtype), params)
+  data = placeholder_data(config, components, mesh.size)
+  frozen = train_step.frozen_params(params, trained, data.instance_latents is not None,
+                                    data.prompt_embeddings is not None)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), data.batch(0))
+  rows = data.num_rows
   step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh)
   compiled = step_fn.lower(state, frozen, batch).compile()
   memory = compiled.memory_analysis()
@@ -141,14 +167,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.devices < 0:
     raise app.UsageError("--devices must be >= 0")
-  if FLAGS.devices:  # read when jax first starts its backend, which has not happened yet
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={FLAGS.devices}")
-  import jax  # pylint: disable=g-import-not-at-top
-  from dreambooth_jax import cli_errors  # pylint: disable=g-import-not-at-top
-  devices = jax.devices()
-  if FLAGS.devices:
-    devices = (devices if len(devices) >= FLAGS.devices else jax.devices("cpu"))[:FLAGS.devices]
+  from dreambooth_jax import cli_errors, compilation_cache, sharding  # pylint: disable=g-import-not-at-top
+  devices = sharding.use_devices(FLAGS.devices)
+  compilation_cache.enable()
   with cli_errors.one_line_errors():
     architecture = FLAGS.architecture or default_architecture(FLAGS.config.model.pretrained)
     figures = plan(FLAGS.config, architecture, devices)

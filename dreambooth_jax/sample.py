@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from dreambooth_jax import cli_errors, models, sampling, sharding
+from dreambooth_jax import cli_errors, compilation_cache, models, sampling, sharding
 
 FLAGS = flags.FLAGS
 
@@ -37,6 +37,7 @@ def main(argv):
   for name in ("num_images", "steps"):
     if FLAGS[name].value < 1:
       raise app.UsageError(f"--{name} must be >= 1")
+  compilation_cache.enable()
   with cli_errors.one_line_errors():
     components, params = models.load_pretrained(FLAGS.pipeline, dtype=FLAGS.dtype)
     resolution = sampling.sample_resolution(components, FLAGS.resolution)

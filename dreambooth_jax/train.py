@@ -18,8 +18,9 @@ from absl import logging
 from tqdm import tqdm
 
 from dreambooth_jax import (atomic_files, checkpoints, class_images, config_check, demo_data,
-                            faults, identifiers, input_pipeline, metric_writer, models,
-                            preemption, sampling, sharding, train_step, workdir_lock)
+                            faults, frozen_cache, identifiers, input_pipeline, metric_writer,
+                            models, prefetch, preemption, sampling, sharding, train_step,
+                            workdir_lock)
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -64,8 +65,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   os.makedirs(workdir, exist_ok=True)
   with workdir_lock.hold(workdir), preemption.SigtermWatcher() as sigterm:
     record_config(config, workdir)
-    components, params = models.load_pretrained(config.model.pretrained,
-                                                config.model.revision or None, config.model.dtype)
+    components, params = models.load_configured(config.model)
     if data_config.resolution % components.vae_scale_factor:
       raise config_check.ConfigError(
           f"config.data.resolution: {data_config.resolution} is not a multiple of the VAE's "
@@ -86,18 +86,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
           mesh, data_config.resolution, config.class_images, config.seed,
           stop_requested=lambda: sigterm.requested)
       class_image_arrays = input_pipeline.load_images(class_paths, data_config.resolution)
-    data = input_pipeline.DreamBoothData(
-        instance_images=instance_images, class_images=class_image_arrays,
-        instance_ids=input_pipeline.tokenize(components.tokenizer, prompts.instance_prompt),
-        class_ids=input_pipeline.tokenize(components.tokenizer, prompts.class_prompt),
-        batch_size=train_config.batch_size, resolution=data_config.resolution,
-        center_crop=data_config.center_crop, random_flip=data_config.random_flip,
-        seed=config.seed, pad_to_multiple=mesh.size)
+    data = frozen_cache.training_data(config, components, params, mesh, instance_images,
+                                      class_image_arrays, prompts.instance_prompt,
+                                      prompts.class_prompt)
 
     optimizer = train_step.make_optimizer(train_config)
     frozen = train_step.frozen_params(params, train_config.train_text_encoder)
+    step_frozen = train_step.frozen_params(params, train_config.train_text_encoder,
+                                           data.instance_latents is not None,
+                                           data.prompt_embeddings is not None)
     state = train_step.create_train_state(params, optimizer, config.seed,
-                                          train_config.train_text_encoder)
+                                          train_config.train_text_encoder,
+                                          train_config.param_dtype)
     state = sharding.put_replicated(state, mesh)
     manager = checkpoints.make_manager(workdir, config.checkpoint.max_to_keep)
     restored = checkpoints.restore_latest(manager, state)
@@ -122,11 +122,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
                                            eval_config.guidance_scale)
       os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
 
+    batches = prefetch.prefetched(lambda step: sharding.put_batch(data.batch(step), mesh),
+                                  range(start_step, train_config.steps),
+                                  train_config.prefetch_batches)
     try:
       last_log_time, last_log_step = time.perf_counter(), start_step
-      for step in tqdm(range(start_step, train_config.steps), initial=start_step,
-                       total=train_config.steps, desc="train", unit="step"):
-        state, metrics = step_fn(state, frozen, sharding.put_batch(data.batch(step), mesh))
+      for step, batch in zip(tqdm(range(start_step, train_config.steps), initial=start_step,
+                                  total=train_config.steps, desc="train", unit="step"), batches):
+        state, metrics = step_fn(state, step_frozen, batch)
         done = step + 1
         faults.at("step", done)
         if done % config.log.every_steps == 0 or done == train_config.steps:
@@ -157,6 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       stop_if_nonfinite(state, train_config, manager)
       checkpoints.save(manager, state)
     finally:  # an in-flight async save completes even when the loop dies
+      batches.close()  # stops the prefetch thread
       checkpoints.wait(manager)
       writer.flush()
 

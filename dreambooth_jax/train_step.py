@@ -83,8 +83,11 @@ def trainable_names(train_text_encoder: bool) -> tuple[str, ...]:
 
 
 def create_train_state(params: dict[str, PyTree], optimizer: optax.GradientTransformation,
-                       seed: int, train_text_encoder: bool) -> TrainState:
-  trained = {name: params[name] for name in trainable_names(train_text_encoder)}
+                       seed: int, train_text_encoder: bool,
+                       param_dtype: str = "float32") -> TrainState:
+  """Trained params (and so AdamW's moments) in param_dtype; the step counters int32."""
+  trained = {name: jax.tree.map(lambda x: x.astype(param_dtype), params[name])
+             for name in trainable_names(train_text_encoder)}
   return TrainState(step=jnp.asarray(0, jnp.int32), params=trained,
                     opt_state=optimizer.init(trained), rng=jax.random.PRNGKey(seed),
                     nonfinite_steps=jnp.asarray(0, jnp.int32),
@@ -97,10 +100,17 @@ def per_example_mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def combine_losses(mse: jax.Array, instance_mask: jax.Array, prior_mask: jax.Array,
-                   prior_loss_weight: float) -> dict[str, jax.Array]:
-  """mean over instance rows + λ · mean over prior rows; padding rows have both masks 0."""
-  instance_loss = jnp.sum(mse * instance_mask) / jnp.maximum(jnp.sum(instance_mask), 1.0)
-  prior_loss = jnp.sum(mse * prior_mask) / jnp.maximum(jnp.sum(prior_mask), 1.0)
+                   prior_loss_weight: float, counts: tuple[jax.Array, jax.Array] | None = None
+                   ) -> dict[str, jax.Array]:
+  """mean over instance rows + λ · mean over prior rows; padding rows have both masks 0.
+
+  `counts` (instance rows, prior rows) of the whole batch make a micro-batch's terms sum, over
+  the micro-batches, to the whole batch's loss; by default they are this batch's own counts.
+  """
+  if counts is None:
+    counts = (jnp.sum(instance_mask), jnp.sum(prior_mask))
+  instance_loss = jnp.sum(mse * instance_mask) / jnp.maximum(counts[0], 1.0)
+  prior_loss = jnp.sum(mse * prior_mask) / jnp.maximum(counts[1], 1.0)
   return {"loss": instance_loss + prior_loss_weight * prior_loss,
           "instance_loss": instance_loss, "prior_loss": prior_loss}
 
@@ -143,24 +153,32 @@ def snr_weights(alphas_cumprod: jax.Array, timesteps: jax.Array, gamma: float,
 
 
 def make_loss_fn(components: models.Components, prior_loss_weight: float,
-                 min_snr_gamma: float = 0.0, offset_noise: float = 0.0) -> Callable:
-  """loss_fn(trained, frozen, batch, step_key) → (loss, metrics); pure."""
+                 min_snr_gamma: float = 0.0, offset_noise: float = 0.0,
+                 remat: bool = False) -> Callable:
+  """loss_fn(trained, frozen, batch, step_key, counts=None) → (loss, metrics); pure.
+
+  A batch carries pixels or cached latent distributions ("latent_mean", "latent_std"), and
+  token ids or cached prompt embeddings ("encoder_hidden_states"); the loss is the same.
+  """
   scheduler = components.noise_scheduler()
   scheduler_state = scheduler.create_state()
   num_train_timesteps = scheduler.config.num_train_timesteps
   scaling_factor = components.vae.config.scaling_factor
   prediction_type = components.prediction_type
 
-  def loss_fn(trained, frozen, batch, step_key):
+  def loss_fn(trained, frozen, batch, step_key, counts=None):
     params = {**frozen, **trained}
     example_keys, latent_keys, noise_keys, time_keys = example_streams(step_key,
                                                                        batch["example_id"])
 
-    latent_dist = components.vae.apply({"params": jax.lax.stop_gradient(params["vae"])},
-                                       batch["pixel_values"], method=components.vae.encode
-                                       ).latent_dist
-    mean = latent_dist.mean.astype(jnp.float32)
-    std = latent_dist.std.astype(jnp.float32)
+    if "latent_mean" in batch:
+      mean, std = batch["latent_mean"], batch["latent_std"]
+    else:
+      latent_dist = components.vae.apply({"params": jax.lax.stop_gradient(params["vae"])},
+                                         batch["pixel_values"], method=components.vae.encode
+                                         ).latent_dist
+      mean = latent_dist.mean.astype(jnp.float32)
+      std = latent_dist.std.astype(jnp.float32)
     latent_noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(latent_keys)
     latents = jnp.transpose(mean + std * latent_noise, (0, 3, 1, 2)) * scaling_factor
 
@@ -168,15 +186,19 @@ def make_loss_fn(components: models.Components, prior_loss_weight: float,
     timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_train_timesteps))(time_keys)
     noisy_latents = scheduler.add_noise(scheduler_state, latents, noise, timesteps)
 
-    text_params = params["text_encoder"]
-    if "text_encoder" not in trained:
-      text_params = jax.lax.stop_gradient(text_params)
-    encoder_hidden_states = components.text_encoder(
-        batch["input_ids"], params=text_params, train=False)[0]
+    if "encoder_hidden_states" in batch:
+      encoder_hidden_states = batch["encoder_hidden_states"]
+    else:
+      text_params = params["text_encoder"]
+      if "text_encoder" not in trained:
+        text_params = jax.lax.stop_gradient(text_params)
+      encoder_hidden_states = components.text_encoder(
+          batch["input_ids"], params=text_params, train=False)[0]
 
-    prediction = components.unet.apply(
-        {"params": params["unet"]}, noisy_latents, timesteps, encoder_hidden_states,
-        train=False).sample
+    with models.unet_block_remat(remat):
+      prediction = components.unet.apply(
+          {"params": params["unet"]}, noisy_latents, timesteps, encoder_hidden_states,
+          train=False).sample
     target = diffusion_target(scheduler, scheduler_state, prediction_type, latents, noise,
                               timesteps)
     mse = per_example_mse(prediction, target)
@@ -184,24 +206,66 @@ def make_loss_fn(components: models.Components, prior_loss_weight: float,
       mse = mse * snr_weights(scheduler_state.common.alphas_cumprod, timesteps, min_snr_gamma,
                               prediction_type)
     metrics = combine_losses(mse, batch["instance_mask"], batch["prior_mask"],
-                             prior_loss_weight)
+                             prior_loss_weight, counts)
     return metrics["loss"], metrics
 
   return loss_fn
 
 
+def split_microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array]:
+  """[rows, ...] → [count, rows/count, ...]; micro-batch m takes rows m, m+count, m+2·count...
+
+  Interleaved, so that each micro-batch holds rows of every device's shard (no data moves) and
+  a mix of instance and prior rows.
+  """
+  return {k: jnp.swapaxes(v.reshape(v.shape[0] // count, count, *v.shape[1:]), 0, 1)
+          for k, v in batch.items()}
+
+
+def accumulated_grads(loss_fn: Callable, params: PyTree, frozen: PyTree,
+                      batch: dict[str, jax.Array], step_key: jax.Array, count: int,
+                      microbatch_sharding=None) -> tuple[PyTree, dict[str, jax.Array]]:
+  """Gradient and metrics of the whole batch, summed over `count` sequential micro-batches.
+
+  Each micro-batch's loss is divided by the whole batch's instance and prior row counts and
+  its rows keep their example ids (hence their noise), so the sum is the whole batch's.
+  """
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if count == 1:
+    return grad_fn(params, frozen, batch, step_key)
+  counts = (jnp.sum(batch["instance_mask"]), jnp.sum(batch["prior_mask"]))
+  microbatches = split_microbatches(batch, count)
+  if microbatch_sharding is not None:
+    microbatches = jax.lax.with_sharding_constraint(microbatches, microbatch_sharding)
+
+  def add_microbatch(total, microbatch):  # summed in float32 whatever the params' dtype
+    grads, metrics = grad_fn(params, frozen, microbatch, step_key, counts)
+    return jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total, (grads, metrics)), None
+
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), jax.eval_shape(
+      grad_fn, params, frozen, jax.tree.map(lambda v: v[0], microbatches), step_key, counts))
+  (grads, metrics), _ = jax.lax.scan(add_microbatch, zeros, microbatches)
+  return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), metrics
+
+
 def make_train_step(components: models.Components, optimizer: optax.GradientTransformation,
-                    train_config) -> Callable:
-  """train_step(state, frozen, batch) → (state, metrics), not yet jitted."""
+                    train_config, microbatch_sharding=None) -> Callable:
+  """train_step(state, frozen, batch) → (state, metrics), not yet jitted.
+
+  microbatch_sharding: how the [micro-batches, rows, ...] split of the batch is laid out when
+  train.grad_accum_steps > 1 (the rows axis along the data axis).
+  """
   loss_fn = make_loss_fn(components, train_config.prior_loss_weight, train_config.min_snr_gamma,
-                         train_config.offset_noise)
+                         train_config.offset_noise, train_config.remat)
+  grad_accum_steps = train_config.grad_accum_steps
   schedule = make_schedule(train_config)
   text_encoder_schedule = make_text_encoder_schedule(train_config)
   text_encoder_stop = train_config.text_encoder_steps
 
   def train_step(state: TrainState, frozen: PyTree, batch: dict[str, jax.Array]):
     step_key = jax.random.fold_in(state.rng, state.step)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, frozen, batch, step_key)
+    grads, metrics = accumulated_grads(loss_fn, state.params, frozen, batch, step_key,
+                                       grad_accum_steps, microbatch_sharding)
     if "text_encoder" in grads and text_encoder_stop:  # frozen from then on: no gradient
       grads = dict(grads, text_encoder=jax.tree.map(
           lambda g: jnp.where(state.step < text_encoder_stop, g, 0.0), grads["text_encoder"]))
@@ -227,17 +291,26 @@ def make_train_step(components: models.Components, optimizer: optax.GradientTran
   return train_step
 
 
-def frozen_params(params: dict[str, PyTree], train_text_encoder: bool) -> dict[str, PyTree]:
-  trained = trainable_names(train_text_encoder)
-  return {name: value for name, value in params.items() if name not in trained}
+def frozen_params(params: dict[str, PyTree], train_text_encoder: bool,
+                  cached_latents: bool = False, cached_embeddings: bool = False
+                  ) -> dict[str, PyTree]:
+  """The untrained params the step reads: no VAE with cached latents, no text encoder with
+  cached prompt embeddings (so they take no device memory in the step)."""
+  unused = set(trainable_names(train_text_encoder))
+  if cached_latents:
+    unused.add("vae")
+  if cached_embeddings:
+    unused.add("text_encoder")
+  return {name: value for name, value in params.items() if name not in unused}
 
 
 def jit_on_mesh(components: models.Components, optimizer: optax.GradientTransformation,
                 train_config, mesh: jax.sharding.Mesh) -> Callable:
   """The train step jitted for `mesh`: state and frozen params replicated, the batch split."""
   replicated = sharding.replicated(mesh)
-  return jit_train_step(make_train_step(components, optimizer, train_config), replicated,
-                        replicated, sharding.data_sharded(mesh), replicated)
+  step = make_train_step(components, optimizer, train_config,
+                         sharding.microbatch_sharded(mesh))
+  return jit_train_step(step, replicated, replicated, sharding.data_sharded(mesh), replicated)
 
 
 def jit_train_step(train_step: Callable, state_sharding, frozen_sharding, batch_sharding,

@@ -322,7 +322,7 @@ def test_convertible_images_train_with_a_warning_each(tiny_dir, tmp_path, monkey
   data = made[0]
   assert data.pad_to_multiple == 8 and data.num_rows == 8
   batch = data.batch(0)
-  assert batch["pixel_values"].shape[0] == 8
+  assert batch["latent_mean"].shape[0] == 8  # latents are cached (train.cache_latents)
   np.testing.assert_array_equal(batch["instance_mask"], [1, 0, 0, 0, 0, 0, 0, 0])
   np.testing.assert_array_equal(batch["prior_mask"], [0, 1, 0, 0, 0, 0, 0, 0])
 

@@ -23,3 +23,36 @@ def test_benchmark_figures_of_the_small_config(small_config):
                                         ("NVIDIA A100-SXM4-40GB", 312e12), ("cpu", None)])
 def test_peak_flops_by_device_kind(kind, flops):
   assert benchmark.peak_flops(kind) == flops
+
+
+def test_comparisons_switch_each_optimisation_off_and_each_memory_lever_on(small_config):
+  assert benchmark.comparisons(small_config) == [
+      ("train.cache_latents", False), ("train.cache_text_embeddings", False),
+      ("train.prefetch_batches", 0), ("model.dtype", "bfloat16"), ("train.remat", True),
+      ("model.memory_efficient_attention", True), ("train.grad_accum_steps", 2)]
+  small_config.model.dtype = "bfloat16"
+  small_config.train.cache_latents = False  # already off: not a comparison
+  changes = dict(benchmark.comparisons(small_config))
+  assert changes["model.dtype"] == "float32" and "train.cache_latents" not in changes
+
+
+def test_compare_runs_the_config_then_each_change_alone(small_config, monkeypatch):
+  seen = []
+
+  def fake_run(config, warmup_steps, timed_steps, devices=None):
+    seen.append((config.train.prefetch_batches, config.train.remat, config.model.dtype))
+    return {"seconds_per_step": 0.5 if config.train.remat else 0.25, "compile_seconds": 3.0,
+            "temporary_gib_per_device": 0.125}
+
+  monkeypatch.setattr(benchmark, "run", fake_run)
+  monkeypatch.setattr(benchmark, "comparisons",
+                      lambda config: [("train.prefetch_batches", 0), ("train.remat", True)])
+  rows = benchmark.compare(small_config, 1, 2)
+  assert seen == [(2, False, "float32"), (0, False, "float32"), (2, True, "float32")]
+  assert small_config.train.remat is False  # the caller's config is left alone
+  assert benchmark.format_comparison(rows).splitlines() == [
+      "| setting | s/step | vs as configured | temp GiB/device | compile s |",
+      "| --- | --- | --- | --- | --- |",
+      "| as configured | 0.2500 | 1.00× | 0.1250 | 3.0 |",
+      "| train.prefetch_batches=0 | 0.2500 | 1.00× | 0.1250 | 3.0 |",
+      "| train.remat=True | 0.5000 | 2.00× | 0.1250 | 3.0 |"]

@@ -22,8 +22,8 @@ import jax
 import numpy as np
 import pytest
 
-from dreambooth_jax import (checkpoints, config_check, faults, input_pipeline, train, train_step,
-                            workdir_lock)
+from dreambooth_jax import (checkpoints, config_check, faults, input_pipeline, preemption, train,
+                            train_step, workdir_lock)
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,13 +245,13 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(straight_run, smal
 
 
 def _nan_at_step(monkeypatch, nan_step):
-  """Makes the batch of step `nan_step` (1-based) all NaN pixels, as a broken input would."""
+  """Makes the batch of step `nan_step` (1-based) all NaN latents, as a broken input would."""
   original_batch = input_pipeline.DreamBoothData.batch
 
   def batch(self, step):
     result = original_batch(self, step)
     if step + 1 == nan_step:
-      result = dict(result, pixel_values=np.full_like(result["pixel_values"], np.nan))
+      result = dict(result, latent_mean=np.full_like(result["latent_mean"], np.nan))
     return result
 
   monkeypatch.setattr(input_pipeline.DreamBoothData, "batch", batch)
@@ -367,3 +367,23 @@ def test_sigterm_during_class_images_stops_after_the_batch_in_flight(tiny, tmp_p
         sharding.put_replicated(params, mesh), mesh, 32, config.class_images, config.seed,
         stop_requested=stop_requested)
   assert sorted(os.listdir(tmp_path)) == [f"class_{i:05d}.png" for i in range(8)]
+
+
+def test_a_preempted_run_resumes_without_compiling_its_train_step_again(tiny_dir, instance_dir,
+                                                                        tmp_path):
+  """main.py turns on the persistent jit cache: the resumed run loads the step from disk."""
+  cache = tmp_path / "jit_cache"
+  workdir = str(tmp_path / "run")
+  flags = _small_flags(tiny_dir, instance_dir)
+  env = dict(_env("step:4:term"), JAX_COMPILATION_CACHE_DIR=str(cache))
+  first = subprocess.run(_command(workdir, flags), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600, check=False)
+  assert first.returncode == preemption.EXIT_CODE, first.stderr[-2000:]
+  assert any(name.startswith("jit_train_step") for name in os.listdir(cache))
+  env = dict(_env(), JAX_COMPILATION_CACHE_DIR=str(cache), JAX_LOG_COMPILES="1")
+  second = subprocess.run(_command(workdir, flags), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr
+  assert "PERSISTENT COMPILATION CACHE MISS for 'jit_train_step'" not in second.stderr
+  assert [row["step"] for row in _rows(workdir)] == [1, 2, 3, 4, 5, 6]

@@ -1,5 +1,7 @@
 """The plan command: abstract weights, the real step compiled, per-device sizes that add up."""
 
+import copy
+
 import jax
 import numpy as np
 import pytest
@@ -10,20 +12,49 @@ count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def test_plan_of_the_tiny_model_counts_what_is_on_each_device(small_config, tiny):
-  _, params = tiny
+  components, params = tiny
   figures = plan.plan(small_config, "builtin:tiny-sd", jax.devices())
   assert figures["mesh"] == "8 × cpu" and figures["global_batch_rows"] == 8
   assert figures["trained_parameters"] == count(params["unet"])
-  # Replicated: every parameter the step reads (fp32; jit drops the VAE decoder, which
-  # training never runs) and AdamW's two moments of the UNet, on every device; the batch is
-  # split over the 8 devices (1 row each).
+  # Replicated on every device: the UNet (fp32) and AdamW's two moments of it; latents and
+  # prompt embeddings are cached, so neither the VAE nor the text encoder is an argument. The
+  # batch is split over the 8 devices: 1 row each (latent mean and std, the prompt embedding,
+  # 2 masks and the example id).
+  latent = (32 // components.vae_scale_factor) ** 2 * components.vae.config.latent_channels
+  row = 4 * (2 * latent + 77 * components.text_encoder.config.hidden_size + 3)
+  argument_bytes = figures["argument_gib_per_device"] * 2**30
+  assert argument_bytes == pytest.approx(4 * 3 * count(params["unet"]) + row, rel=1e-3)
+  assert figures["donated_gib_per_device"] > 0  # the state's buffers are reused
+  assert figures["flops_per_step_per_device"] > 1e6
+
+
+def test_plan_without_caches_holds_the_vae_encoder_and_text_encoder(small_config, tiny):
+  _, params = tiny
+  small_config.train.cache_latents = False
+  small_config.train.cache_text_embeddings = False
+  figures = plan.plan(small_config, "builtin:tiny-sd", jax.devices())
+  # jit drops the VAE decoder, which training never runs; a row is pixels and token ids.
   unused = count(params["vae"]["decoder"]) + count(params["vae"]["post_quant_conv"])
   expected = 4 * (count(params) - unused + 2 * count(params["unet"]))
   row = 4 * (3 * 32 * 32 + 77 + 3)
   argument_bytes = figures["argument_gib_per_device"] * 2**30
   assert argument_bytes == pytest.approx(expected + row, rel=1e-3)
-  assert figures["donated_gib_per_device"] > 0  # the state's buffers are reused
-  assert figures["flops_per_step_per_device"] > 1e6
+
+
+def test_memory_levers_lower_the_compilers_temporary_memory(small_config):
+  """At 64 px with 2 rows per device: chunked attention and 2 micro-batches each need less."""
+  small_config.data.resolution = 64
+  small_config.train.batch_size = 8
+  temporary = {}
+  for name, section, field, value in [("plain", "train", "grad_accum_steps", 1),
+                                      ("attention", "model", "memory_efficient_attention", True),
+                                      ("accumulation", "train", "grad_accum_steps", 2)]:
+    config = copy.deepcopy(small_config)
+    config[section][field] = value
+    figures = plan.plan(config, "builtin:tiny-sd", jax.devices())
+    temporary[name] = figures["temporary_gib_per_device"]
+  assert temporary["attention"] < 0.8 * temporary["plain"]
+  assert temporary["accumulation"] < 0.8 * temporary["plain"]
 
 
 @pytest.mark.parametrize("architecture,unet,vae,text_encoder", [

@@ -77,6 +77,10 @@ def test_interrupted_run_resumes_to_identical_state(straight_run, small_config, 
   monkeypatch.setattr(input_pipeline.DreamBoothData, "batch", crashing_batch)
   with pytest.raises(_Crash):
     train.train_and_evaluate(small_config, workdir)
+  # Batches are built train.prefetch_batches steps ahead: the crash surfaces at its own step.
+  first_run_calls = len(calls)
+  assert calls[:crash_at + 1] == list(range(crash_at + 1))
+  assert first_run_calls <= crash_at + 1 + small_config.train.prefetch_batches
   assert [row["step"] for row in _rows(workdir)] == list(range(1, crash_at + 1))
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   expected_checkpoints = ["3"] if crash_at >= 3 else []
@@ -85,7 +89,7 @@ def test_interrupted_run_resumes_to_identical_state(straight_run, small_config, 
 
   state = jax.device_get(train.train_and_evaluate(small_config, workdir))
   resumed_from = 3 if crash_at >= 3 else 0
-  assert calls[crash_at + 1:] == list(range(resumed_from, 6))
+  assert calls[first_run_calls:] == list(range(resumed_from, 6))
   _, straight_state = straight_run
   assert int(state.step) == 6
   jax.tree.map(np.testing.assert_array_equal, state, straight_state)
