@@ -14,6 +14,7 @@ compile times are real.
 from dreambooth_jax import quiet  # noqa: F401  pylint: disable=unused-import
 
 import copy
+import itertools
 import statistics
 import time
 from typing import Any
@@ -79,66 +80,74 @@ def synthetic_data(config: ml_collections.ConfigDict, components: models.Compone
                                     "a photo of dog")
 
 
-def run(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
-        devices: list[jax.Device] | None = None) -> dict[str, Any]:
-  """Compiles and times the train step as train.py runs it; returns the figures.
+class StepTimer:
+  """One config's train step, compiled, fed and timed as train.py runs it.
 
   A step's time runs from the end of the previous step to the end of this one, so building
-  and transferring its batch counts unless it was prefetched during the previous step.
+  and transferring its batch counts unless it was prefetched while the previous step ran.
   """
-  components, params = models.load_configured(config.model)
-  mesh = sharding.make_mesh(devices)
-  params = sharding.put_replicated(params, mesh)
-  train_config = config.train
-  optimizer = train_step.make_optimizer(train_config)
-  data = synthetic_data(config, components, params, mesh)
-  frozen = train_step.frozen_params(params, train_config.train_text_encoder,
-                                    data.instance_latents is not None,
-                                    data.prompt_embeddings is not None)
-  state = sharding.put_replicated(train_step.create_train_state(
-      params, optimizer, config.seed, train_config.train_text_encoder,
-      train_config.param_dtype), mesh)
-  step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh)
-  put = lambda step: sharding.put_batch(data.batch(step), mesh)
 
-  start = time.perf_counter()
-  compiled = step_fn.lower(state, frozen, put(0)).compile()
-  compile_seconds = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  memory = compiled.memory_analysis()
+  def __init__(self, config: ml_collections.ConfigDict,
+               devices: list[jax.Device] | None = None):
+    components, params = models.load_configured(config.model)
+    self.mesh = mesh = sharding.make_mesh(devices)
+    params = sharding.put_replicated(params, mesh)
+    train_config = config.train
+    optimizer = train_step.make_optimizer(train_config)
+    data = synthetic_data(config, components, params, mesh)
+    self.frozen = train_step.frozen_params(params, train_config.train_text_encoder,
+                                           data.instance_latents is not None,
+                                           data.prompt_embeddings is not None)
+    self.state = sharding.put_replicated(train_step.create_train_state(
+        params, optimizer, config.seed, train_config.train_text_encoder,
+        train_config.param_dtype), mesh)
+    put = lambda step: sharding.put_batch(data.batch(step), mesh)
+    step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh)
+    start = time.perf_counter()
+    self.compiled = step_fn.lower(self.state, self.frozen, put(0)).compile()
+    self.compile_seconds = time.perf_counter() - start
+    self.images_per_step = train_config.batch_size * (2 if data.with_prior else 1)
+    self._batches = prefetch.prefetched(put, itertools.count(), train_config.prefetch_batches)
 
-  durations = []
-  batches = prefetch.prefetched(put, range(warmup_steps + timed_steps),
-                                train_config.prefetch_batches)
-  last = time.perf_counter()
-  for index, batch in enumerate(batches):
-    state, metrics = compiled(state, frozen, batch)
-    jax.block_until_ready((state, metrics))
-    now = time.perf_counter()
-    if index >= warmup_steps:
-      durations.append(now - last)
-    last = now
-  seconds = statistics.median(durations)
-  rows = train_config.batch_size * (2 if data.with_prior else 1)
-  figures = {
-      "devices": f"{mesh.size} × {mesh.devices.flat[0].device_kind}",
-      "compile_seconds": compile_seconds,
-      "seconds_per_step": seconds,
-      "images_per_second": rows / seconds,
-      "flops_per_step": flops,
-      "temporary_gib_per_device": memory.temp_size_in_bytes / 2**30 if memory else None,
-  }
-  device = mesh.devices.flat[0]
-  device_memory = device.memory_stats() or {}
-  if "peak_bytes_in_use" in device_memory:  # since the process started
-    figures["peak_device_memory_gib"] = device_memory["peak_bytes_in_use"] / 2**30
-  peak = peak_flops(device.device_kind)
-  if peak and flops:
-    # cost_analysis counts the whole (SPMD-partitioned) program of one device.
-    figures["mfu"] = flops / seconds / peak
-  return figures
+  def time_steps(self, count: int) -> list[float]:
+    """Runs `count` steps back to back; the seconds of each after the first."""
+    ends = []
+    for _ in range(count):
+      self.state, metrics = self.compiled(self.state, self.frozen, next(self._batches))
+      jax.block_until_ready((self.state, metrics))
+      ends.append(time.perf_counter())
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+  def figures(self, seconds_per_step: float) -> dict[str, Any]:
+    cost = self.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # One device's share of the SPMD program; a loop body (grad_accum_steps) counts once.
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    memory = self.compiled.memory_analysis()
+    device = self.mesh.devices.flat[0]
+    figures = {
+        "devices": f"{self.mesh.size} × {device.device_kind}",
+        "compile_seconds": self.compile_seconds,
+        "seconds_per_step": seconds_per_step,
+        "images_per_second": self.images_per_step / seconds_per_step,
+        "flops_per_step": flops,
+        "temporary_gib_per_device": memory.temp_size_in_bytes / 2**30 if memory else None,
+    }
+    device_memory = device.memory_stats() or {}
+    if "peak_bytes_in_use" in device_memory:  # since the process started
+      figures["peak_device_memory_gib"] = device_memory["peak_bytes_in_use"] / 2**30
+    peak = peak_flops(device.device_kind)
+    if peak and flops:
+      figures["mfu"] = flops / seconds_per_step / peak
+    return figures
+
+
+def run(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
+        devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Compiles and times the train step; the figures, with the median s/step."""
+  timer = StepTimer(config, devices)
+  timer.time_steps(warmup_steps)
+  return timer.figures(statistics.median(timer.time_steps(timed_steps + 1)))
 
 
 def comparisons(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
@@ -152,19 +161,34 @@ def comparisons(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
   return [(field, value) for field, value in changes if current(field) != value]
 
 
+ROUND_STEPS = 5  # consecutive steps per variant and round of a comparison
+
+
 def compare(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
             devices: list[jax.Device] | None = None) -> list[dict[str, Any]]:
-  """run() of the config as given, then of each comparison; one row each."""
-  rows = []
-  for field, value in [("", None)] + comparisons(config):
+  """The config as given, then each comparison; one row of figures each.
+
+  The variants are timed in rounds of ROUND_STEPS consecutive steps each, taking turns, so
+  that load from elsewhere on the machine falls on all of them alike.
+  """
+  settings = [("", None)] + comparisons(config)
+  timers = []
+  for field, value in settings:
     variant = copy.deepcopy(config)
     if field:
       section, name = field.split(".")
       with variant.unlocked():
         variant[section][name] = value
-    figures = run(variant, warmup_steps, timed_steps, devices)
-    rows.append({"setting": f"{field}={value}" if field else "as configured", **figures})
-  return rows
+    timers.append(StepTimer(variant, devices))
+    timers[-1].time_steps(warmup_steps)
+  durations = [[] for _ in timers]
+  rounds = -(-timed_steps // (ROUND_STEPS - 1))
+  for _ in range(rounds):
+    for timer, seconds in zip(timers, durations):
+      seconds.extend(timer.time_steps(ROUND_STEPS))
+  return [{"setting": f"{field}={value}" if field else "as configured",
+           **timer.figures(statistics.median(seconds))}
+          for (field, value), timer, seconds in zip(settings, timers, durations)]
 
 
 def format_comparison(rows: list[dict[str, Any]]) -> str:

@@ -36,20 +36,31 @@ def test_comparisons_switch_each_optimisation_off_and_each_memory_lever_on(small
   assert changes["model.dtype"] == "float32" and "train.cache_latents" not in changes
 
 
-def test_compare_runs_the_config_then_each_change_alone(small_config, monkeypatch):
-  seen = []
+def test_compare_times_the_config_and_each_change_alone_in_turns(small_config, monkeypatch):
+  made, calls = [], []
 
-  def fake_run(config, warmup_steps, timed_steps, devices=None):
-    seen.append((config.train.prefetch_batches, config.train.remat, config.model.dtype))
-    return {"seconds_per_step": 0.5 if config.train.remat else 0.25, "compile_seconds": 3.0,
-            "temporary_gib_per_device": 0.125}
+  class FakeTimer:
+    def __init__(self, config, devices=None):
+      self.name = (config.train.prefetch_batches, config.train.remat, config.model.dtype)
+      self.seconds = 0.5 if config.train.remat else 0.25
+      made.append(self.name)
 
-  monkeypatch.setattr(benchmark, "run", fake_run)
+    def time_steps(self, count):
+      calls.append((self.name, count))
+      return [self.seconds] * max(count - 1, 0)
+
+    def figures(self, seconds_per_step):
+      return {"seconds_per_step": seconds_per_step, "compile_seconds": 3.0,
+              "temporary_gib_per_device": 0.125}
+
+  monkeypatch.setattr(benchmark, "StepTimer", FakeTimer)
   monkeypatch.setattr(benchmark, "comparisons",
                       lambda config: [("train.prefetch_batches", 0), ("train.remat", True)])
-  rows = benchmark.compare(small_config, 1, 2)
-  assert seen == [(2, False, "float32"), (0, False, "float32"), (2, True, "float32")]
+  rows = benchmark.compare(small_config, 1, 8)
+  assert made == [(2, False, "float32"), (0, False, "float32"), (2, True, "float32")]
   assert small_config.train.remat is False  # the caller's config is left alone
+  # Warm-up, then 8 timed steps in rounds of 5 (4 timed each): 2 rounds, the variants in turn.
+  assert calls == [(made[0], 1), (made[1], 1), (made[2], 1)] + [(name, 5) for name in made] * 2
   assert benchmark.format_comparison(rows).splitlines() == [
       "| setting | s/step | vs as configured | temp GiB/device | compile s |",
       "| --- | --- | --- | --- | --- |",
