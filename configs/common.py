@@ -30,8 +30,25 @@ def get_config() -> ml_collections.ConfigDict:
   # at high resolution, same result; usually slower on small images.
   config.model.memory_efficient_attention = False
 
+  config.distributed = ml_collections.ConfigDict()
+  # Multi-host runs (the same command on every host). Nothing to set on a Cloud TPU pod slice
+  # (found automatically) or on one host. Elsewhere: the coordinator's "host:port", the
+  # number of processes and this one's id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  # JAX_PROCESS_ID in the environment); -1 / 0 = from the environment.
+  config.distributed.coordinator_address = ""
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
+
+  config.mesh = ml_collections.ConfigDict()
+  # The device mesh is data × fsdp. Batches are split over all devices; parameters, optimizer
+  # state and frozen weights are replicated (fsdp = 1) or split along fsdp (for models too big
+  # for one device). data = 0 takes all devices that fsdp leaves. Same numbers on any shape.
+  config.mesh.data = 0
+  config.mesh.fsdp = 1
+
   config.data = ml_collections.ConfigDict()
-  # Folder of 3-5 subject photos (jpg, jpeg, png, webp), or "builtin:demo-toy" (generated).
+  # Folder of 3-5 subject photos (jpg, jpeg, png, webp): a local path, a gs://bucket/dir (read
+  # through fsspec; needs `pip install -e ".[gcs]"`), or "builtin:demo-toy" (generated).
   config.data.instance_dir = ""
   # Prompt for every instance photo. {identifier} and {class} are replaced by data.identifier
   # and data.class_name; the prompt must name the identifier (placeholder or literally).

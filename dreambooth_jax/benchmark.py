@@ -90,19 +90,21 @@ class StepTimer:
   def __init__(self, config: ml_collections.ConfigDict,
                devices: list[jax.Device] | None = None):
     components, params = models.load_configured(config.model)
-    self.mesh = mesh = sharding.make_mesh(devices)
-    params = sharding.put_replicated(params, mesh)
+    self.mesh = mesh = sharding.make_mesh(devices, config.mesh.data, config.mesh.fsdp)
+    params = sharding.put_state(params, mesh)
     train_config = config.train
     optimizer = train_step.make_optimizer(train_config)
     data = synthetic_data(config, components, params, mesh)
     self.frozen = train_step.frozen_params(params, train_config.train_text_encoder,
                                            data.instance_latents is not None,
                                            data.prompt_embeddings is not None)
-    self.state = sharding.put_replicated(train_step.create_train_state(
+    self.state = sharding.put_state(train_step.create_train_state(
         params, optimizer, config.seed, train_config.train_text_encoder,
         train_config.param_dtype), mesh)
-    put = lambda step: sharding.put_batch(data.batch(step), mesh)
-    step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh)
+    rows = sharding.local_rows(mesh, data.num_rows)
+    put = lambda step: sharding.put_batch(data.batch(step, rows), mesh, data.num_rows)
+    step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh, self.state,
+                                     self.frozen)
     start = time.perf_counter()
     self.compiled = step_fn.lower(self.state, self.frozen, put(0)).compile()
     self.compile_seconds = time.perf_counter() - start

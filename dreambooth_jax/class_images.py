@@ -15,7 +15,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from dreambooth_jax import faults, input_pipeline, models, preemption, sampling
+from dreambooth_jax import (distributed, faults, input_pipeline, models, preemption, sampling,
+                            sharding)
 
 
 def missing_indices(class_dir: str, num_class_images: int) -> list[int]:
@@ -39,10 +40,12 @@ def ensure_class_images(class_dir: str, num_class_images: int, class_prompt: str
 
   Raises preemption.Preempted between batches once stop_requested() is true.
   """
-  os.makedirs(class_dir, exist_ok=True)
-  for name in os.listdir(class_dir):
-    if ".png.tmp" in name:  # left by a process killed mid-write
-      os.remove(os.path.join(class_dir, name))
+  if distributed.is_main():
+    os.makedirs(class_dir, exist_ok=True)
+    for name in os.listdir(class_dir):
+      if ".png.tmp" in name:  # left by a process killed mid-write
+        os.remove(os.path.join(class_dir, name))
+  distributed.barrier("class images: listed")
   todo = missing_indices(class_dir, num_class_images)
   if todo:
     logging.info("Generating %d class images for %r into %s", len(todo), class_prompt, class_dir)
@@ -59,9 +62,13 @@ def ensure_class_images(class_dir: str, num_class_images: int, class_prompt: str
               "rerun the same command to make the rest")
         indices = todo[start:start + batch_size]
         prompts = np.repeat(prompt_ids[None], len(indices), axis=0)
-        images = sampling.generate(sampler, params, mesh, prompts, indices, seed)
-        for index, image in zip(indices, images):
-          sampling.write_png(image, os.path.join(class_dir, f"class_{index:05d}.png"),
-                             before_commit=lambda i=index: faults.at("class_image", i))
+        images = sampling.generate_sharded(sampler, params, mesh, prompts, indices, seed)
+        # Each process writes the images its devices made: no image twice, none missed.
+        for row, image in sharding.local_row_values(images):
+          if row < len(indices):
+            index = indices[row]
+            sampling.write_png(image, os.path.join(class_dir, f"class_{index:05d}.png"),
+                               before_commit=lambda i=index: faults.at("class_image", i))
         progress.update(len(indices))
+  distributed.barrier("class images: written")
   return input_pipeline.list_images(class_dir, "data.class_dir")[:num_class_images]

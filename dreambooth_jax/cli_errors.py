@@ -8,9 +8,10 @@ import contextlib
 import sys
 
 from dreambooth_jax import (checkpoints, config_check, input_pipeline, models, preemption,
-                            train_step, workdir_lock)
+                            sharding, train_step, workdir_lock)
 
-INPUT_ERRORS = (config_check.ConfigError, input_pipeline.DataError, models.ModelLoadError)
+INPUT_ERRORS = (config_check.ConfigError, input_pipeline.DataError, models.ModelLoadError,
+                sharding.MeshError)
 RUN_ERRORS = (train_step.NonFiniteLossError, checkpoints.CheckpointError,
               workdir_lock.WorkdirLockedError)
 

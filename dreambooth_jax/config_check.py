@@ -71,6 +71,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       _require(isinstance(value, str), field, f"must be a string, got {value!r}")
 
   _require(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+  _require(config.mesh.data >= 0, "mesh.data", f"must be >= 0 (0 = all), got {config.mesh.data}")
+  _require(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
   _require(bool(config.model.pretrained), "model.pretrained", "must be set")
   data, train = config.data, config.train
   _require(data.resolution >= 8 and data.resolution % 8 == 0, "data.resolution",
@@ -175,7 +177,8 @@ def check_workdir(workdir: str) -> None:
 CHANGEABLE_ON_RESUME = ("resume_ignore_changes", "train.steps", "checkpoint.", "log.", "sample.",
                         "class_images.batch_size", "train.cache_latents",
                         "train.cache_text_embeddings", "train.grad_accum_steps", "train.remat",
-                        "train.prefetch_batches", "model.memory_efficient_attention")
+                        "train.prefetch_batches", "model.memory_efficient_attention", "mesh.",
+                        "distributed.")
 
 
 def changed_fields(previous: dict, config: ml_collections.ConfigDict) -> list[str]:

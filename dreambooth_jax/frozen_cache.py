@@ -47,18 +47,19 @@ def latent_distributions(components: models.Components, vae_params: Any,
     if with_flips:
       variants.append(crop[:, ::-1])
   chunk = ROWS_PER_DEVICE * mesh.size
+  vae_params = sharding.put_state(vae_params, mesh)  # a no-op when already laid out so
   encode = jax.jit(
       lambda params, pixels: _mean_and_std(components, params, pixels),
-      in_shardings=(sharding.replicated(mesh), sharding.data_sharded(mesh)),
+      in_shardings=(None, sharding.data_sharded(mesh)),  # the VAE keeps its layout
       out_shardings=sharding.replicated(mesh))
   means, stds = [], []
   for start in tqdm(range(0, len(variants), chunk), desc=desc, unit="batch",
                     disable=len(variants) <= chunk):
     rows = variants[start:start + chunk]
     rows += [rows[0]] * (chunk - len(rows))  # one shape, one compile
-    pixels = jax.device_put(input_pipeline.to_model_range(np.stack(rows)),
-                            sharding.data_sharded(mesh))
-    mean, std = jax.device_get(encode(vae_params, pixels))
+    pixels = sharding.put_global(input_pipeline.to_model_range(np.stack(rows)),
+                                 sharding.data_sharded(mesh))
+    mean, std = sharding.to_host(encode(vae_params, pixels))
     means.append(mean)
     stds.append(std)
   count, per_image = len(variants), 2 if with_flips else 1
@@ -80,7 +81,7 @@ def prompt_embeddings(components: models.Components, text_params: Any,
   """The text encoder's last hidden states of each row of token ids ([prompts, tokens, dim])."""
   encode = jax.jit(lambda params, ids: components.text_encoder(ids, params=params,
                                                                train=False)[0])
-  return np.asarray(jax.device_get(encode(text_params, token_ids)))
+  return np.asarray(sharding.to_host(encode(text_params, token_ids)))
 
 
 def training_data(config: ml_collections.ConfigDict, components: models.Components,

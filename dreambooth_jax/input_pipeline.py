@@ -7,6 +7,7 @@ resumed run sees exactly the batches an uninterrupted one would, with no iterato
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import warnings
 
@@ -20,10 +21,33 @@ class DataError(ValueError):
   """Unusable input data; the message names the file or directory."""
 
 
+def is_url(path: str) -> bool:
+  """gs://bucket/dir and other fsspec URLs, read through fsspec (gs:// needs gcsfs)."""
+  return "://" in path
+
+
+def _filesystem(url: str, field: str):
+  import fsspec  # pylint: disable=g-import-not-at-top
+  try:
+    return fsspec.core.url_to_fs(url)
+  except ImportError as e:  # e.g. gs:// without gcsfs
+    raise DataError(f"{field}: {url} needs a filesystem package that is not installed "
+                    f"({e}); for gs:// run pip install -e \".[gcs]\"") from e
+
+
 def list_images(directory: str, field: str = "data.instance_dir") -> list[str]:
-  """Sorted image paths in `directory` (not recursive)."""
+  """Sorted image paths in `directory` (not recursive): a local folder or a URL (gs://...)."""
   if not directory:
     raise DataError(f"{field}: not set")
+  if is_url(directory):
+    fs, root = _filesystem(directory, field)
+    if not fs.isdir(root):
+      raise DataError(f"{field}: {directory} is not a directory")
+    protocol = directory.split("://", 1)[0]
+    files = [entry["name"] for entry in fs.ls(root, detail=True) if entry["type"] == "file"]
+    return sorted(f"{protocol}://{name.split('://', 1)[-1].lstrip('/')}" for name in files
+                  if os.path.basename(name).lower().endswith(IMAGE_EXTENSIONS)
+                  and not os.path.basename(name).startswith("."))
   if not os.path.isdir(directory):
     raise DataError(f"{field}: {directory} is not a directory")
   return sorted(os.path.join(directory, name) for name in os.listdir(directory)
@@ -37,7 +61,13 @@ def load_image(path: str, resolution: int | None) -> np.ndarray:
   resolution=None keeps the image's own size.
   """
   try:
-    with Image.open(path) as image:
+    if is_url(path):
+      fs, name = _filesystem(path, path)
+      with fs.open(name, "rb") as f:
+        source = io.BytesIO(f.read())
+    else:
+      source = path
+    with Image.open(source) as image:
       image = ImageOps.exif_transpose(image)
       image.load()
   except (UnidentifiedImageError, OSError, SyntaxError) as e:
@@ -157,39 +187,41 @@ class DreamBoothData:
       choices.append(Choice(index, top, left, flip))
     return choices
 
-  def _pixels(self, images: list[np.ndarray], choices: list[Choice]) -> list[np.ndarray]:
+  def _pixels(self, images: list[np.ndarray], choice: Choice) -> np.ndarray:
     size = self.resolution
-    crops = [images[c.index][c.top:c.top + size, c.left:c.left + size] for c in choices]
-    return [crop[:, ::-1] if c.flip else crop for crop, c in zip(crops, choices)]
+    crop = images[choice.index][choice.top:choice.top + size, choice.left:choice.left + size]
+    return crop[:, ::-1] if choice.flip else crop
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
+  def batch(self, step: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+    """The `rows` (default: all) of step's batch; only those rows' images are touched."""
     instance_choices = self._choose(self.instance_images, 0, step)
     class_choices = self._choose(self.class_images, 1, step) if self.with_prior else []
-    num_real = len(instance_choices) + len(class_choices)
-    padding = [0] * (self.num_rows - num_real)  # copies of row 0
-    prompt = [0] * len(instance_choices) + [1] * len(class_choices) + padding
+    # (is a class row, choice) per row; padding rows copy row 0.
+    sources = [(False, c) for c in instance_choices] + [(True, c) for c in class_choices]
+    num_real = len(sources)
+    sources += [sources[0]] * (self.num_rows - num_real)
     instance_mask = np.zeros(self.num_rows, np.float32)
     instance_mask[:len(instance_choices)] = 1.0
     prior_mask = np.zeros(self.num_rows, np.float32)
     prior_mask[len(instance_choices):num_real] = 1.0
-    batch = {"instance_mask": instance_mask, "prior_mask": prior_mask,
+    batch = {"instance_mask": instance_mask[rows], "prior_mask": prior_mask[rows],
              # Keys the per-example noise, so the loss does not depend on the row's device.
-             "example_id": np.arange(self.num_rows, dtype=np.int32)}
+             "example_id": np.arange(self.num_rows, dtype=np.int32)[rows]}
+    sources = sources[rows]
     if self.instance_latents is not None:
-      rows = [(self.instance_latents, c) for c in instance_choices]
-      rows += [(self.class_latents, c) for c in class_choices]
-      rows += [rows[0]] * len(padding)
-      batch["latent_mean"] = np.stack([dist.mean[c.index, int(c.flip)] for dist, c in rows])
-      batch["latent_std"] = np.stack([dist.std[c.index, int(c.flip)] for dist, c in rows])
+      dists = [(self.class_latents if is_class else self.instance_latents, c)
+               for is_class, c in sources]
+      batch["latent_mean"] = np.stack([d.mean[c.index, int(c.flip)] for d, c in dists])
+      batch["latent_std"] = np.stack([d.std[c.index, int(c.flip)] for d, c in dists])
     else:
-      images = self._pixels(self.instance_images, instance_choices)
-      images += self._pixels(self.class_images, class_choices)
-      images += [images[0]] * len(padding)
-      batch["pixel_values"] = to_model_range(np.stack(images))
+      batch["pixel_values"] = to_model_range(np.stack([
+          self._pixels(self.class_images if is_class else self.instance_images, c)
+          for is_class, c in sources]))
+    prompts = [int(is_class) for is_class, _ in sources]
     if self.prompt_embeddings is not None:
-      batch["encoder_hidden_states"] = self.prompt_embeddings[prompt]
+      batch["encoder_hidden_states"] = self.prompt_embeddings[prompts]
     else:
-      batch["input_ids"] = np.stack([self.instance_ids, self.class_ids])[prompt]
+      batch["input_ids"] = np.stack([self.instance_ids, self.class_ids])[prompts]
     return batch
 
 

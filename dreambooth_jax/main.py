@@ -8,7 +8,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dreambooth_jax import cli_errors, compilation_cache, train
+from dreambooth_jax import cli_errors, compilation_cache, distributed, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -34,6 +34,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  distributed.initialize(FLAGS.config.distributed)  # before anything touches a device
   compilation_cache.enable()
   with cli_errors.one_line_errors():
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -52,3 +52,19 @@ class MetricWriter:
 
   def close(self) -> None:
     self._tensorboard.close()
+
+
+class NullWriter:
+  """What processes other than 0 write to: nothing."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    pass
+
+  def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+    pass
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass

@@ -26,7 +26,7 @@ from diffusers import (FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDDPMScheduler,
                        FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
-from dreambooth_jax import faults
+from dreambooth_jax import faults, sharding
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 BUILTIN_PREFIX = "builtin:"
@@ -265,14 +265,19 @@ def load_tokenizer(pretrained: str, revision: str | None = None) -> CLIPTokenize
 
 
 def export_pipeline(components: Components, params: dict[str, Any], out_dir: str) -> None:
-  """Writes a complete FlaxStableDiffusionPipeline directory, atomically (tmp dir + rename)."""
+  """Writes a complete FlaxStableDiffusionPipeline directory, atomically (tmp dir + rename).
+
+  Every process must call it (the weights are gathered from all hosts); process 0 writes.
+  """
+  host_params = sharding.to_host({k: params[k] for k in ("unet", "vae", "text_encoder")})
+  if jax.process_index() != 0:
+    return
   tmp_dir = out_dir.rstrip("/") + ".tmp"
   shutil.rmtree(tmp_dir, ignore_errors=True)
   pipeline = FlaxStableDiffusionPipeline(
       vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
       unet=components.unet, scheduler=components.sampling_scheduler("ddim"),
       safety_checker=None, feature_extractor=None)
-  host_params = jax.device_get({k: params[k] for k in ("unet", "vae", "text_encoder")})
   pipeline.save_pretrained(tmp_dir, params=host_params)
   faults.at("export", 0)
   old_dir = out_dir.rstrip("/") + ".old"

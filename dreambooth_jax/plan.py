@@ -128,7 +128,7 @@ def plan(config, architecture: str, devices=None) -> dict[str, Any]:
   configs = architecture_configs(architecture)
   components, params = abstract_pipeline(configs, config.model.dtype,
                                          config.model.memory_efficient_attention)
-  mesh = sharding.make_mesh(devices)
+  mesh = sharding.make_mesh(devices, config.mesh.data, config.mesh.fsdp)
   train_config = config.train
   optimizer = train_step.make_optimizer(train_config)
   trained = train_config.train_text_encoder
@@ -139,7 +139,7 @@ def plan(config, architecture: str, devices=None) -> dict[str, Any]:
                                     data.prompt_embeddings is not None)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), data.batch(0))
   rows = data.num_rows
-  step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh)
+  step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh, state, frozen)
   compiled = step_fn.lower(state, frozen, batch).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()

@@ -18,10 +18,16 @@ class Preempted(Exception):
 
 
 class SigtermWatcher:
-  """Context manager: while active, SIGTERM sets `requested` instead of killing the process."""
+  """Context manager: while active, SIGTERM sets `requested` instead of killing the process.
 
-  def __init__(self):
+  enabled=False leaves SIGTERM to JAX: with several processes, jax.distributed's preemption
+  service catches it and agrees with the other hosts on the step at which all of them stop
+  (CheckpointManager.reached_preemption), so that no host waits for one that left.
+  """
+
+  def __init__(self, enabled: bool = True):
     self.requested = False
+    self._enabled = enabled
     self._previous = None
 
   def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -29,7 +35,8 @@ class SigtermWatcher:
     self.requested = True
 
   def __enter__(self) -> "SigtermWatcher":
-    if threading.current_thread() is threading.main_thread():  # signals need the main thread
+    if self._enabled and threading.current_thread() is threading.main_thread():
+      # (signals can only be handled on the main thread)
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 

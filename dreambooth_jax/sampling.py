@@ -62,20 +62,27 @@ def make_sampler(components: models.Components, mesh: jax.sharding.Mesh, resolut
     return jnp.round(images * 255).astype(jnp.uint8)
 
   batch = sharding.data_sharded(mesh)
-  return jax.jit(sample, in_shardings=(sharding.replicated(mesh), batch, batch, None),
-                 out_shardings=batch)
+  # The params keep their own layout: replicated, or split along fsdp while training.
+  return jax.jit(sample, in_shardings=(None, batch, batch, None), out_shardings=batch)
 
 
-def generate(sampler: Callable, params, mesh: jax.sharding.Mesh, prompt_ids: np.ndarray,
-             image_ids: Sequence[int], seed: int) -> np.ndarray:
-  """Runs `sampler` on one batch, padded to a multiple of the mesh size; returns host images."""
+def generate_sharded(sampler: Callable, params, mesh: jax.sharding.Mesh,
+                     prompt_ids: np.ndarray, image_ids: Sequence[int], seed: int) -> jax.Array:
+  """Runs `sampler` on one batch padded to a multiple of the mesh size: images split over
+  the devices (rows past len(image_ids) are padding)."""
   num = len(image_ids)
   padded = -(-num // mesh.size) * mesh.size
   ids = np.asarray(list(image_ids) + [image_ids[-1]] * (padded - num), np.int32)
   prompts = np.concatenate([prompt_ids, np.repeat(prompt_ids[-1:], padded - num, axis=0)])
-  arrays = sharding.put_batch({"prompt_ids": prompts, "image_ids": ids}, mesh)
-  images = sampler(params, arrays["prompt_ids"], arrays["image_ids"], seed)
-  return np.asarray(jax.device_get(images))[:num]
+  rows = sharding.data_sharded(mesh)
+  return sampler(params, sharding.put_global(prompts, rows), sharding.put_global(ids, rows), seed)
+
+
+def generate(sampler: Callable, params, mesh: jax.sharding.Mesh, prompt_ids: np.ndarray,
+             image_ids: Sequence[int], seed: int) -> np.ndarray:
+  """generate_sharded's images on every process's host."""
+  images = generate_sharded(sampler, params, mesh, prompt_ids, image_ids, seed)
+  return np.asarray(sharding.to_host(images))[:len(image_ids)]
 
 
 def sample_resolution(components: models.Components, requested: int) -> int:
@@ -122,15 +129,20 @@ def write_samples(components: models.Components, params, mesh: jax.sharding.Mesh
                   prompts: list[str], num_images: int, out_dir: str, resolution: int,
                   scheduler: str, num_inference_steps: int, guidance_scale: float,
                   seed: int) -> np.ndarray:
-  """num_images PNGs per prompt plus grid.png (a row per prompt); returns the grid."""
-  os.makedirs(out_dir, exist_ok=True)
+  """num_images PNGs per prompt plus grid.png (a row per prompt); returns the grid.
+
+  Every process samples; only process 0 writes.
+  """
   sampler = make_sampler(components, mesh, resolution, scheduler, num_inference_steps,
                          guidance_scale)
   images = sample_grid(sampler, params, mesh, components.tokenizer, prompts, num_images, seed)
+  grid = make_grid(images.reshape(-1, *images.shape[2:]), columns=num_images)
+  if jax.process_index() != 0:
+    return grid
+  os.makedirs(out_dir, exist_ok=True)
   for prompt_index, prompt_images in enumerate(images):
     for index, image in enumerate(prompt_images):
       write_png(image, os.path.join(out_dir, f"prompt{prompt_index}_{index:03d}.png"))
-  grid = make_grid(images.reshape(-1, *images.shape[2:]), columns=num_images)
   write_png(grid, os.path.join(out_dir, "grid.png"))
   atomic_files.write_json(os.path.join(out_dir, "prompts.json"),
                           {f"prompt{i}": p for i, p in enumerate(prompts)})

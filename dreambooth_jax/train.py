@@ -7,6 +7,7 @@ resumes from the newest checkpoint and ends exactly where an uninterrupted run w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,12 +19,12 @@ from absl import logging
 from tqdm import tqdm
 
 from dreambooth_jax import (atomic_files, checkpoints, class_images, config_check, demo_data,
-                            faults, frozen_cache, identifiers, input_pipeline, metric_writer,
+                            distributed, faults, frozen_cache, identifiers, input_pipeline, metric_writer,
                             models, prefetch, preemption, sampling, sharding, train_step,
                             workdir_lock)
 
 
-def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def record_config(config: ml_collections.ConfigDict, workdir: str, write: bool = True) -> None:
   """Writes workdir/config.json, after refusing a resume whose config changes the math."""
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path) and _holds_results(workdir):
@@ -31,7 +32,8 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       previous = json.load(f)
     for change in config_check.check_resume(previous, config):
       logging.warning("Resuming with a changed config (resume_ignore_changes): %s", change)
-  atomic_files.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  if write:
+    atomic_files.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def _holds_results(workdir: str) -> bool:
@@ -63,20 +65,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
                                                data_config.resolution)
   # Every input is valid: from here on the workdir is written, by this process only.
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lock.hold(workdir), preemption.SigtermWatcher() as sigterm:
-    record_config(config, workdir)
+  main = distributed.is_main()  # the one process that writes the workdir's files
+  with (workdir_lock.hold(workdir) if main else contextlib.nullcontext()), \
+       preemption.SigtermWatcher(enabled=jax.process_count() == 1) as sigterm:
+    record_config(config, workdir, write=main)
     components, params = models.load_configured(config.model)
     if data_config.resolution % components.vae_scale_factor:
       raise config_check.ConfigError(
           f"config.data.resolution: {data_config.resolution} is not a multiple of the VAE's "
           f"downsampling factor {components.vae_scale_factor}")
     prompts = identifiers.resolve_prompts(data_config, components.tokenizer, config.seed)
-    atomic_files.write_json(os.path.join(workdir, "prompts.json"), dataclasses.asdict(prompts))
+    if main:
+      atomic_files.write_json(os.path.join(workdir, "prompts.json"),
+                              dataclasses.asdict(prompts))
     logging.info("Identifier %r; instance prompt %r; class prompt %r", prompts.identifier,
                  prompts.instance_prompt, prompts.class_prompt)
-    mesh = sharding.make_mesh()
-    logging.info("Mesh: %d devices (%s)", mesh.size, jax.devices()[0].platform)
-    params = sharding.put_replicated(params, mesh)
+    mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
+    logging.info("Mesh: %s of %s devices", dict(mesh.shape), jax.devices()[0].platform)
+    params = sharding.put_state(params, mesh)
 
     class_image_arrays = []
     if train_config.with_prior_preservation:
@@ -98,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     state = train_step.create_train_state(params, optimizer, config.seed,
                                           train_config.train_text_encoder,
                                           train_config.param_dtype)
-    state = sharding.put_replicated(state, mesh)
+    state = sharding.put_state(state, mesh)
     manager = checkpoints.make_manager(workdir, config.checkpoint.max_to_keep)
     restored = checkpoints.restore_latest(manager, state)
     if restored is not None:
@@ -110,8 +116,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
           f"config.train.steps: {train_config.steps} is below step {start_step}, where this "
           "workdir's newest checkpoint is")
 
-    writer = metric_writer.MetricWriter(workdir, start_step)
-    step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh)
+    writer = (metric_writer.MetricWriter(workdir, start_step) if main
+              else metric_writer.NullWriter())
+    step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh, state,
+                                     step_frozen)
     eval_config = config.eval
     if eval_config.every_steps:  # validation grids during training, compiled once
       eval_prompts = [prompts.fill(p, data_config.class_name)
@@ -120,9 +128,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
                                            eval_config.scheduler,
                                            eval_config.num_inference_steps,
                                            eval_config.guidance_scale)
-      os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+      if main:
+        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
 
-    batches = prefetch.prefetched(lambda step: sharding.put_batch(data.batch(step), mesh),
+    rows = sharding.local_rows(mesh, data.num_rows)  # this process builds only its rows
+    batches = prefetch.prefetched(lambda step: sharding.put_batch(data.batch(step, rows), mesh,
+                                                                  data.num_rows),
                                   range(start_step, train_config.steps),
                                   train_config.prefetch_batches)
     try:
@@ -145,7 +156,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
                                         eval_config.num_images, config.seed)
           grid = sampling.make_grid(images.reshape(-1, *images.shape[2:]),
                                     columns=eval_config.num_images)
-          sampling.write_png(grid, os.path.join(workdir, "eval", f"step_{done:06d}.png"))
+          if main:
+            sampling.write_png(grid, os.path.join(workdir, "eval", f"step_{done:06d}.png"))
           writer.write_image(done, "eval", grid)
         preempted = sigterm.requested or manager.reached_preemption(done)
         if done % config.checkpoint.every_steps == 0 or preempted:

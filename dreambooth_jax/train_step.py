@@ -305,12 +305,15 @@ def frozen_params(params: dict[str, PyTree], train_text_encoder: bool,
 
 
 def jit_on_mesh(components: models.Components, optimizer: optax.GradientTransformation,
-                train_config, mesh: jax.sharding.Mesh) -> Callable:
-  """The train step jitted for `mesh`: state and frozen params replicated, the batch split."""
-  replicated = sharding.replicated(mesh)
+                train_config, mesh: jax.sharding.Mesh, state: PyTree, frozen: PyTree
+                ) -> Callable:
+  """The train step jitted for `mesh`: the state and frozen params (arrays or shapes) laid out
+  by sharding.state_shardings, the batch split over every device, the metrics replicated."""
   step = make_train_step(components, optimizer, train_config,
                          sharding.microbatch_sharded(mesh))
-  return jit_train_step(step, replicated, replicated, sharding.data_sharded(mesh), replicated)
+  return jit_train_step(step, sharding.state_shardings(state, mesh),
+                        sharding.state_shardings(frozen, mesh), sharding.data_sharded(mesh),
+                        sharding.replicated(mesh))
 
 
 def jit_train_step(train_step: Callable, state_sharding, frozen_sharding, batch_sharding,

@@ -45,6 +45,9 @@ def hold(workdir: str) -> Iterator[None]:
       raise WorkdirLockedError(
           f"--workdir: {workdir} is in use by {_describe(holder)}; wait for it to finish, stop "
           f"it, or use another --workdir") from None
+    except OSError as e:  # a filesystem without locks (some FUSE mounts): warn and go on
+      logging.warning("--workdir: %s cannot be locked (%s); make sure no other run uses it",
+                      workdir, e)
     previous = os.pread(fd, 4096, 0).decode(errors="replace")
     if previous.strip():
       logging.warning("Taking over the lock of %s, which is no longer running",

@@ -11,12 +11,14 @@ The subprocess runs share one workdir timeline (the module fixture), one fault p
   6. a clean run finishes the job
 """
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import numpy as np
@@ -248,8 +250,8 @@ def _nan_at_step(monkeypatch, nan_step):
   """Makes the batch of step `nan_step` (1-based) all NaN latents, as a broken input would."""
   original_batch = input_pipeline.DreamBoothData.batch
 
-  def batch(self, step):
-    result = original_batch(self, step)
+  def batch(self, step, rows=slice(None)):
+    result = original_batch(self, step, rows)
     if step + 1 == nan_step:
       result = dict(result, latent_mean=np.full_like(result["latent_mean"], np.nan))
     return result
@@ -387,3 +389,15 @@ def test_a_preempted_run_resumes_without_compiling_its_train_step_again(tiny_dir
   assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr
   assert "PERSISTENT COMPILATION CACHE MISS for 'jit_train_step'" not in second.stderr
   assert [row["step"] for row in _rows(workdir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_workdir_on_a_filesystem_without_locks_is_used_with_a_warning(tmp_path, monkeypatch):
+  def unsupported(fd, operation):
+    raise OSError(38, "Function not implemented")
+
+  monkeypatch.setattr(workdir_lock.fcntl, "flock", unsupported)
+  with mock.patch.object(workdir_lock.logging, "warning") as warning:
+    with workdir_lock.hold(str(tmp_path)):
+      holder = json.loads((tmp_path / "lock").read_text())
+  assert holder["pid"] == os.getpid()
+  assert "cannot be locked" in warning.call_args_list[0].args[0]

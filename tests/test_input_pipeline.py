@@ -3,6 +3,7 @@
 Images are drawn here with PIL (no model is loaded); only the tiny pipeline's tokenizer is read.
 """
 
+import io
 import os
 import warnings
 
@@ -434,3 +435,37 @@ def test_random_flip_gives_both_orientations():
   assert seen.count(0) >= 3 and seen.count(1) >= 3, seen
   no_flip = _data(instance, batch_size=1, center_crop=True, random_flip=False)
   assert all(_match(no_flip.batch(step)["pixel_values"][0], [crop]) == 0 for step in range(24))
+
+
+def test_instance_images_can_be_read_from_an_fsspec_url(tmp_path):
+  """gs://bucket/dir goes through fsspec (with gcsfs); the in-memory filesystem stands in."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  fs = fsspec.filesystem("memory")
+  for index in range(2):
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 48, 3), 100 * index, np.uint8)).save(buffer, format="PNG")
+    fs.pipe(f"/bucket_test/dog/photo{index}.png", buffer.getvalue())
+  fs.pipe("/bucket_test/dog/notes.txt", b"not an image")
+  fs.pipe("/bucket_test/dog/.hidden.png", b"skipped")
+  paths = input_pipeline.list_images("memory://bucket_test/dog")
+  assert paths == ["memory://bucket_test/dog/photo0.png", "memory://bucket_test/dog/photo1.png"]
+  image = input_pipeline.load_image(paths[1], 32)
+  assert image.shape == (32, 38, 3) and (image == 100).all()
+  with pytest.raises(input_pipeline.DataError, match=r"memory://bucket_test/cat is not a dir"):
+    input_pipeline.list_images("memory://bucket_test/cat")
+  fs.pipe("/bucket_test/dog/broken.png", b"garbage")
+  with pytest.raises(input_pipeline.DataError, match=r"memory://bucket_test/dog/broken.png: "
+                     r"not a readable image"):
+    input_pipeline.load_image("memory://bucket_test/dog/broken.png", 32)
+
+
+def test_gs_url_without_gcsfs_names_the_extra_to_install():
+  pytest.importorskip("fsspec")
+  try:
+    import gcsfs  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    pytest.skip("gcsfs is installed")
+  except ImportError:
+    pass
+  with pytest.raises(input_pipeline.DataError, match=r'data.instance_dir: gs://b/dog needs a '
+                     r'filesystem package .* pip install -e "\.\[gcs\]"'):
+    input_pipeline.list_images("gs://b/dog")

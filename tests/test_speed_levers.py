@@ -38,10 +38,10 @@ def _train(components, params, config, steps):
   data = frozen_cache.training_data(config, components, params, mesh, _images(1, 3),
                                     _images(2, 4), "a photo of sks toy", "a photo of toy")
   optimizer = train_step.make_optimizer(config.train)
-  state = sharding.put_replicated(train_step.create_train_state(
+  state = sharding.put_state(train_step.create_train_state(
       params, optimizer, 0, False, config.train.param_dtype), mesh)
   frozen = train_step.frozen_params(params, False, True, True)
-  step_fn = train_step.jit_on_mesh(components, optimizer, config.train, mesh)
+  step_fn = train_step.jit_on_mesh(components, optimizer, config.train, mesh, state, frozen)
   history = []
   for step in range(steps):
     state, metrics = step_fn(state, frozen, sharding.put_batch(data.batch(step), mesh))

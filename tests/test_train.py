@@ -68,11 +68,11 @@ def test_interrupted_run_resumes_to_identical_state(straight_run, small_config, 
   original_batch = input_pipeline.DreamBoothData.batch
   calls = []
 
-  def crashing_batch(self, step):
+  def crashing_batch(self, step, rows=slice(None)):
     calls.append(step)
     if step == crash_at and len(calls) == crash_at + 1:  # first run only
       raise _Crash()
-    return original_batch(self, step)
+    return original_batch(self, step, rows)
 
   monkeypatch.setattr(input_pipeline.DreamBoothData, "batch", crashing_batch)
   with pytest.raises(_Crash):

@@ -20,6 +20,8 @@ REPO_ROOT=$(cd "$TPU_SCRIPTS_DIR/.." && pwd)
 REMOTE_DIR="dreambooth-jax"            # the checkout that setup.sh installs and launch.sh runs in
 REMOTE_LOG_DIR="dreambooth_logs"       # launch.sh writes train.log and train.pid here
 REMOTE_LOG="$REMOTE_LOG_DIR/train.log"
+REMOTE_BUCKET_DIR="bucket"             # mount.sh mounts --bucket here on every worker (gcsfuse)
+REMOTE_DATA_DIR="data"                 # upload.sh without --bucket copies instance images here
 
 # Common flags (every script accepts all of them, so one set of flags can be reused for the whole
 # create → setup → launch → logs → delete sequence; flags a script has no use for are ignored).
@@ -27,8 +29,10 @@ TPU_NAME=""
 TPU_ZONE=""
 TPU_PROJECT=""
 TPU_ACCELERATOR_TYPE="v4-8"
-TPU_VERSION="tpu-ubuntu2204-base"
+TPU_VERSION=""                         # "" = create.sh picks the default of the TPU family
 TPU_SPOT=0
+TPU_QUEUED=0
+TPU_BUCKET=""
 DRY_RUN=0
 
 # A script may set, before calling parse_args:
@@ -41,13 +45,18 @@ ALLOW_PASSTHROUGH="${ALLOW_PASSTHROUGH:-0}"
 PASSTHROUGH=()
 
 COMMON_FLAGS_HELP="Common flags (accepted by every script; ignored where they do not apply):
-  --name NAME               TPU VM name (required)
-  --zone ZONE               zone, e.g. us-central2-b (required)
+  --name NAME               TPU VM (or queued resource) name; required where a script acts on one
+  --zone ZONE               its zone, e.g. us-central2-b; required with --name
   --project PROJECT         Google Cloud project (default: gcloud's configured project)
-  --accelerator-type TYPE   accelerator type for create.sh (default: v4-8)
-  --version VERSION         TPU runtime version for create.sh (default: tpu-ubuntu2204-base)
-  --spot                    create.sh: create a Spot TPU VM
-  --dry-run                 print the gcloud commands, one per line, instead of running them
+  --accelerator-type TYPE   create.sh: v4-N, v5litepod-N (v5e), v5p-N or v6e-N (default: v4-8)
+  --version VERSION         create.sh: TPU runtime version (default by family: v4 tpu-ubuntu2204-base,
+                            v5e v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e)
+  --spot                    create.sh: Spot capacity (cheaper, can be preempted at any time)
+  --queued                  create.sh, delete.sh, status.sh: a queued resource named NAME (its one
+                            node is also named NAME) instead of a plain TPU VM
+  --bucket BUCKET           Cloud Storage bucket (name or gs://name) for bucket.sh, mount.sh,
+                            upload.sh and download.sh
+  --dry-run                 print the commands, one per line, instead of running them
   -h, --help                show this help
 Flags take their value as --flag VALUE or --flag=VALUE."
 
@@ -93,7 +102,7 @@ parse_args() {
     esac
     name=${flag#--}
     # shellcheck disable=SC2086  # the flag lists are space-separated words
-    if _word_in "$name" name zone project accelerator-type version $EXTRA_VALUE_FLAGS; then
+    if _word_in "$name" name zone project accelerator-type version bucket $EXTRA_VALUE_FLAGS; then
       if [[ "$has_val" == 0 ]]; then
         [[ $# -gt 0 && "$1" != --* ]] || die "$flag needs a value"
         val=$1
@@ -106,12 +115,14 @@ parse_args() {
         project) TPU_PROJECT=$val ;;
         accelerator-type) TPU_ACCELERATOR_TYPE=$val ;;
         version) TPU_VERSION=$val ;;
+        bucket) TPU_BUCKET=$val ;;
         *) printf -v "OPT_${name//-/_}" '%s' "$val" ;;
       esac
-    elif _word_in "$name" spot dry-run $EXTRA_BOOL_FLAGS; then
+    elif _word_in "$name" spot queued dry-run $EXTRA_BOOL_FLAGS; then
       [[ "$has_val" == 0 ]] || die "$flag takes no value"
       case "$name" in
         spot) TPU_SPOT=1 ;;
+        queued) TPU_QUEUED=1 ;;
         dry-run) DRY_RUN=1 ;;
         *) printf -v "OPT_${name//-/_}" '%s' 1 ;;
       esac
@@ -130,6 +141,29 @@ require_name_zone() {
   [[ -n "$TPU_ZONE" ]] || die "--zone is required (see --help)"
   [[ "$TPU_NAME" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
     die "--name $TPU_NAME: use lowercase letters, digits and hyphens, starting with a letter"
+}
+
+# require_bucket: --bucket must be given; a gs:// prefix and trailing slashes are dropped.
+require_bucket() {
+  [[ -n "$TPU_BUCKET" ]] || die "--bucket is required (see --help)"
+  local b=${TPU_BUCKET#gs://}
+  while [[ "$b" == */ ]]; do b=${b%/}; done
+  [[ "$b" =~ ^[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]$ ]] ||
+    die "--bucket $TPU_BUCKET: not a bucket name (lowercase letters, digits, -, _ and ., e.g. my-bucket)"
+  TPU_BUCKET=$b
+}
+
+# require_simple_name FLAG VALUE: VALUE is one path component (letters, digits, -, _, .).
+require_simple_name() {
+  [[ "$2" =~ ^[A-Za-z0-9][-A-Za-z0-9_.]*$ ]] ||
+    die "$1 $2: use one name of letters, digits, -, _ and . (no slashes)"
+}
+
+# with_project CMD...: run CMD... [--project=P].
+with_project() {
+  local cmd=("$@")
+  [[ -z "$TPU_PROJECT" ]] || cmd+=("--project=$TPU_PROJECT")
+  run "${cmd[@]}"
 }
 
 # quote WORD: WORD as one shell word, as readable as possible (bare, 'single-quoted', or
@@ -180,9 +214,15 @@ run() {
 tpu_vm() {
   local sub=$1
   shift
-  local cmd=(gcloud compute tpus tpu-vm "$sub" "$TPU_NAME" "--zone=$TPU_ZONE" "$@")
-  [[ -z "$TPU_PROJECT" ]] || cmd+=("--project=$TPU_PROJECT")
-  run "${cmd[@]}"
+  with_project gcloud compute tpus tpu-vm "$sub" "$TPU_NAME" "--zone=$TPU_ZONE" "$@"
+}
+
+# queued_resource SUBCOMMAND ARGS...: run `gcloud compute tpus queued-resources SUBCOMMAND NAME
+# ARGS... [--project=P]` (ARGS include --zone, whose place differs between subcommands).
+queued_resource() {
+  local sub=$1
+  shift
+  with_project gcloud compute tpus queued-resources "$sub" "$TPU_NAME" "$@"
 }
 
 # ssh_workers WORKER REMOTE_COMMAND: run REMOTE_COMMAND (a shell command line) on WORKER ("all"

@@ -3,15 +3,16 @@
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
-EXTRA_VALUE_FLAGS="repo local-dir"
+EXTRA_VALUE_FLAGS="repo local-dir extras"
 STAGING_DIR="$REMOTE_DIR.upload"
 
 usage() {
   cat <<HELP
-Usage: $PROG --name NAME --zone ZONE [--repo URL | --local-dir DIR] [--project PROJECT] [--dry-run]
+Usage: $PROG --name NAME --zone ZONE [--repo URL | --local-dir DIR] [--extras LIST]
+                [--project PROJECT] [--dry-run]
 
 Puts the code in ~/$REMOTE_DIR on every worker (--worker=all) and installs it there with
-  python3 -m pip install -e ".[tpu]"
+  python3 -m pip install -e ".[tpu]"          (".[tpu,gcs]" with --extras tpu,gcs)
 
 Default: copies this checkout ($REPO_ROOT), as it is on disk (uncommitted and untracked
 files included), with three commands:
@@ -32,6 +33,8 @@ Run it again after changing the code. Next: launch.sh.
 Flags of this script:
   --repo URL                git URL to clone on the workers instead of copying a local directory
   --local-dir DIR           local directory to copy (default: $REPO_ROOT)
+  --extras LIST             the package extras to install (default: tpu; add gcs to read
+                            --config.data.instance_dir=gs://... directly)
 
 $COMMON_FLAGS_HELP
 HELP
@@ -44,7 +47,10 @@ repo=${OPT_repo:-}
 local_dir=${OPT_local_dir:-$REPO_ROOT}
 [[ -z "$repo" || -z "${OPT_local_dir:-}" ]] || die "--repo and --local-dir exclude each other"
 
-install="cd ~/$REMOTE_DIR && python3 -m pip install -e \".[tpu]\""
+extras=${OPT_extras:-tpu}
+[[ "$extras" =~ ^[a-z0-9_-]+(,[a-z0-9_-]+)*$ ]] || die "--extras $extras: expected a list such as tpu,gcs"
+
+install="cd ~/$REMOTE_DIR && python3 -m pip install -e \".[$extras]\""
 
 if [[ -n "$repo" ]]; then
   q_repo=$(quote "$repo")

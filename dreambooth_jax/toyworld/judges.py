@@ -511,10 +511,7 @@ def prompt_fidelity(samples: Images, requested_scenes: str | Sequence[str],
   """
   judges = judges or load_judges()
   wanted = _per_sample(requested_scenes, len(samples), world.SCENES, "scene")
-  probs = judges.scene_probs(samples)
-  picked = probs[np.arange(len(wanted)), wanted]
-  return SceneScores(float(np.mean(picked, dtype=np.float64)),
-                     float(np.mean(probs.argmax(1) == wanted)))
+  return SceneScores(*_requested(judges.scene_probs(samples), wanted))
 
 
 def class_fidelity(samples: Images, requested_classes: str | Sequence[str],
@@ -522,10 +519,14 @@ def class_fidelity(samples: Images, requested_classes: str | Sequence[str],
   """The class variant of `prompt_fidelity`: is the requested object class there?"""
   judges = judges or load_judges()
   wanted = _per_sample(requested_classes, len(samples), world.CLASSES, "class")
-  probs = judges.class_probs(samples)
+  return ClassScores(*_requested(judges.class_probs(samples), wanted))
+
+
+def _requested(probs: np.ndarray, wanted: np.ndarray) -> tuple[float, float]:
+  """(mean probability of each sample's requested label, how often it is the top label)."""
   picked = probs[np.arange(len(wanted)), wanted]
-  return ClassScores(float(np.mean(picked, dtype=np.float64)),
-                     float(np.mean(probs.argmax(1) == wanted)))
+  return (float(np.mean(picked, dtype=np.float64)),
+          float(np.mean(probs.argmax(1) == wanted)))
 
 
 def pres(class_samples: Images, real_subject_photos: Images,

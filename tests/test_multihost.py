@@ -1,0 +1,108 @@
+"""Two processes (2 CPU devices each, jax.distributed on 127.0.0.1) train like one process with
+the same 4 devices, write each class image once, and leave a checkpoint one process resumes."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import conftest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _flags(tiny_dir, instance_dir, steps):
+  return ["--config=configs/demo.py", f"--config.model.pretrained={tiny_dir}",
+          f"--config.data.instance_dir={instance_dir}", "--config.data.num_class_images=3",
+          "--config.class_images.num_inference_steps=2", f"--config.train.steps={steps}",
+          "--config.train.batch_size=2", "--config.train.warmup_steps=0",
+          "--config.checkpoint.every_steps=2", "--config.log.every_steps=1",
+          "--config.sample.num_images=2", "--config.sample.num_inference_steps=2"]
+
+
+def _env(devices, cache):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return env
+
+
+def _command(workdir, flags):
+  return [sys.executable, "-m", "dreambooth_jax.main", f"--workdir={workdir}", *flags]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _losses(workdir):
+  return [(row["step"], row["loss"], row["instance_loss"], row["prior_loss"])
+          for row in conftest.metric_rows(workdir)]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir, instance_dir, tmp_path_factory):
+  """(one-process workdir of 6 steps, two-process workdir of 4 steps then 1 process to 6)."""
+  root = tmp_path_factory.mktemp("multihost")
+  single, multi = str(root / "single"), str(root / "multi")
+  result = subprocess.run(_command(single, _flags(tiny_dir, instance_dir, 6)), cwd=REPO,
+                          env=_env(4, str(root / "cache_single")), capture_output=True,
+                          text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  port = _free_port()
+  processes = []
+  for process_id in range(2):
+    flags = _flags(tiny_dir, instance_dir, 4) + [
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2", f"--config.distributed.process_id={process_id}"]
+    processes.append(subprocess.Popen(
+        _command(multi, flags), cwd=REPO, env=_env(2, str(root / f"cache_{process_id}")),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outputs = [p.communicate(timeout=900) for p in processes]
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+  two_process_rows = _losses(multi)
+  two_process_checkpoints = sorted(os.listdir(os.path.join(multi, "checkpoints")))
+  two_process_export = os.path.isfile(os.path.join(multi, "export", "model_index.json"))
+
+  resumed = subprocess.run(_command(multi, _flags(tiny_dir, instance_dir, 6)), cwd=REPO,
+                           env=_env(4, str(root / "cache_single")), capture_output=True,
+                           text=True, timeout=600, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  return {"single": single, "multi": multi, "two_process_rows": two_process_rows,
+          "two_process_checkpoints": two_process_checkpoints,
+          "two_process_export": two_process_export, "outputs": outputs,
+          "resumed_stderr": resumed.stderr}
+
+
+def test_two_processes_have_the_loss_curve_of_one_process_with_the_same_devices(runs):
+  single = _losses(runs["single"])
+  two_process = runs["two_process_rows"]
+  assert [row[0] for row in two_process] == [1, 2, 3, 4]  # process 0 alone wrote the rows
+  np.testing.assert_allclose(np.asarray(two_process)[:, 1:], np.asarray(single[:4])[:, 1:],
+                             rtol=1e-5)
+  for _, stderr in runs["outputs"]:
+    assert "Process " in stderr and " of 2;" in stderr  # both joined one distributed run
+
+
+def test_each_class_image_is_written_once_and_equals_the_single_process_one(runs):
+  names = sorted(os.listdir(os.path.join(runs["multi"], "class_images")))
+  assert names == ["class_00000.png", "class_00001.png", "class_00002.png"]
+  for name in names:
+    two = np.asarray(Image.open(os.path.join(runs["multi"], "class_images", name)), np.int16)
+    one = np.asarray(Image.open(os.path.join(runs["single"], "class_images", name)), np.int16)
+    assert np.abs(two - one).max() <= 1
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_on_the_same_curve(runs):
+  assert runs["two_process_checkpoints"] == ["2", "4"] and runs["two_process_export"]
+  assert "Resumed from" in runs["resumed_stderr"]
+  rows, single = _losses(runs["multi"]), _losses(runs["single"])
+  assert [row[0] for row in rows] == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose(np.asarray(rows)[:, 1:], np.asarray(single)[:, 1:], rtol=1e-5)
