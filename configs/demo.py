@@ -1,9 +1,13 @@
-"""The embedded demo: no download, a few minutes on 2 CPU cores.
+"""The embedded demo: DreamBooth on the toy world, no download, a few minutes on 2 CPU cores.
 
-A tiny random-init Stable-Diffusion-shaped pipeline (built and cached on first use) is
-fine-tuned on five procedurally drawn photos of a checkered toy, with prior preservation on
-class images that the frozen model generates first. The images it makes are noise-like: the
-model is random, the point is that every stage runs for real.
+The base model is the tiny text-to-image model pretrained on the toy world and shipped in the
+package (`builtin:toyworld`, see dreambooth_jax/toyworld/pretrain.py): it draws 32x32 pictures
+of balls, boxes, trees and cups of six colours in five scenes, following their captions. The
+subject is the world's one orange-and-teal striped ball, of which 4 photos exist, all in a room
+(`builtin:toyworld-subject`). The run generates class images of "a ball" with the frozen model,
+fine-tunes every UNet layer on "a sks ball" with prior preservation, exports the pipeline and
+samples the subject in the four scenes it was never photographed in, plus "a ball" (which
+should stay a plain ball of any colour).
 """
 
 from configs import common
@@ -11,21 +15,29 @@ from configs import common
 
 def get_config():
   config = common.get_config()
-  config.model.pretrained = "builtin:tiny-sd"
-  config.data.instance_dir = "builtin:demo-toy"
-  config.data.class_name = "toy"
-  config.data.num_class_images = 8
+  config.model.pretrained = "builtin:toyworld"
+  config.data.instance_dir = "builtin:toyworld-subject"
+  config.data.class_name = "ball"
+  config.data.identifier = "sks"
+  # The pretraining captions' grammar: "a [V] ball", "a ball" (no "photo of").
+  config.data.instance_prompt = "a {identifier} {class}"
+  config.data.class_prompt = "a {class}"
+  config.data.num_class_images = 64
   config.data.resolution = 32
   config.data.random_flip = True
-  config.class_images.num_inference_steps = 10
-  config.class_images.batch_size = 8
-  config.train.steps = 60
-  config.train.batch_size = 2
+  config.class_images.num_inference_steps = 25
+  config.class_images.guidance_scale = 4.0
+  config.class_images.batch_size = 32
+  config.train.steps = 300
+  config.train.batch_size = 4
   config.train.learning_rate = 1e-4
-  config.train.warmup_steps = 5
-  config.checkpoint.every_steps = 20
-  config.log.every_steps = 5
-  config.sample.prompts = ("a photo of {identifier} {class} on the beach",)
-  config.sample.num_images = 4
-  config.sample.num_inference_steps = 10
+  config.train.warmup_steps = 10
+  config.checkpoint.every_steps = 100
+  config.log.every_steps = 10
+  config.sample.prompts = (
+      "a {identifier} {class} on the beach", "a {identifier} {class} in the snow",
+      "a {identifier} {class} at night", "a {identifier} {class} on grass", "a {class}")
+  config.sample.num_images = 8
+  config.sample.num_inference_steps = 25
+  config.sample.guidance_scale = 4.0
   return config

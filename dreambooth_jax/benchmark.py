@@ -1,6 +1,6 @@
 """Speed of the real train step on synthetic data: compile time, s/step, images/s, memory, MFU.
 
-python -m dreambooth_jax.benchmark --config=configs/demo.py [--devices=8] [--compare]
+python -m dreambooth_jax.benchmark --config=configs/tiny.py [--devices=8] [--compare]
     [--config.train.batch_size=4 ...]
 
 The step is the one train.py runs (same caches, prefetching, jit, shardings and donation), fed

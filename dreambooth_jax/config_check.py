@@ -146,7 +146,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
   _require(config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1")
   _require(config.log.every_steps >= 1, "log.every_steps", "must be >= 1")
-  if data.instance_dir != demo_data.BUILTIN_DEMO_TOY:
+  if data.instance_dir not in demo_data.BUILTIN_INSTANCE_DIRS:
     try:
       paths = input_pipeline.list_images(data.instance_dir)
     except input_pipeline.DataError as e:

@@ -1,7 +1,11 @@
-"""The demo's subject: five procedurally drawn "photos" of one distinctive toy.
+"""Builtin instance folders: subject "photos" drawn procedurally, so no download is needed.
 
-A red-and-yellow checkered cube with a blue ball on top, drawn at varying places, sizes and
-backgrounds; deterministic, so every machine trains on the same pictures.
+- builtin:toyworld-subject (the demo's): the toy world's subject, an orange-and-teal striped
+  ball, in its 4 photos at 32x32 (`toyworld.world.subject_photos`), all in one room.
+- builtin:demo-toy (tests and benchmarks): five photos of a red-and-yellow checkered cube with
+  a blue ball on top, at varying places, sizes and backgrounds.
+
+Both are deterministic, so every machine trains on the same pictures.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dreambooth_jax import models
+from dreambooth_jax.toyworld import world
 
 BUILTIN_DEMO_TOY = "builtin:demo-toy"
+BUILTIN_TOYWORLD_SUBJECT = "builtin:toyworld-subject"
+TOYWORLD_PHOTO_SIZE = 32  # the toy-world model's resolution
 
 
 def draw_toy(seed: int, size: int = 64) -> Image.Image:
@@ -37,16 +44,31 @@ def draw_toy(seed: int, size: int = 64) -> Image.Image:
   return image
 
 
+def _toyworld_subject_photos() -> list[Image.Image]:
+  return [Image.fromarray(photo) for photo in world.subject_photos(TOYWORLD_PHOTO_SIZE)]
+
+
+# name -> (cache folder, file stem, the photos)
+_BUILTINS = {
+    BUILTIN_DEMO_TOY: ("demo-toy", "toy", lambda: [draw_toy(index) for index in range(5)]),
+    BUILTIN_TOYWORLD_SUBJECT: ("toyworld-subject", "subject", _toyworld_subject_photos),
+}
+BUILTIN_INSTANCE_DIRS = tuple(_BUILTINS)
+
+
 def resolve_instance_dir(instance_dir: str) -> str:
-  """Returns instance_dir, or the cached demo folder (drawn on first use) for the builtin."""
-  if instance_dir != BUILTIN_DEMO_TOY:
+  """Returns instance_dir, or the cached folder of a builtin (drawn on first use)."""
+  if instance_dir not in _BUILTINS:
     return instance_dir
-  directory = os.path.join(models.cache_dir(), "demo-toy")
-  if len([n for n in os.listdir(directory) if n.endswith(".png")] if os.path.isdir(directory)
-         else []) < 5:
+  folder, stem, draw_photos = _BUILTINS[instance_dir]
+  directory = os.path.join(models.cache_dir(), folder)
+  photos = draw_photos()
+  present = ([n for n in os.listdir(directory) if n.endswith(".png")]
+             if os.path.isdir(directory) else [])
+  if len(present) < len(photos):
     os.makedirs(directory, exist_ok=True)
-    for index in range(5):
-      path = os.path.join(directory, f"toy_{index}.png")
-      draw_toy(index).save(path + ".tmp", format="PNG")
+    for index, photo in enumerate(photos):
+      path = os.path.join(directory, f"{stem}_{index}.png")
+      photo.save(path + ".tmp", format="PNG")
       os.replace(path + ".tmp", path)
   return directory

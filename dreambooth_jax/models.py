@@ -26,11 +26,15 @@ from diffusers import (FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDDPMScheduler,
                        FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
-from dreambooth_jax import faults, sharding
+from dreambooth_jax import faults, sharding, toyworld
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_TINY = "builtin:tiny-sd"
+# The toy-world base model pretrained by `dreambooth_jax.toyworld.pretrain`, shipped in the
+# package (the demo's model): it draws 32x32 pictures that follow their captions.
+BUILTIN_TOYWORLD = "builtin:toyworld"
+BUILTIN_MODELS = (BUILTIN_TINY, BUILTIN_TOYWORLD)
 
 # Weight files per component, in order of preference (Flax first; PyTorch converted on load).
 _DIFFUSERS_FLAX = "diffusion_flax_model.msgpack"
@@ -91,9 +95,9 @@ def cache_dir() -> str:
 def resolve_pretrained(pretrained: str, revision: str | None = None) -> str:
   """Returns a local diffusers-layout directory for a hub id, a local path or a builtin name."""
   if pretrained.startswith(BUILTIN_PREFIX):
-    if pretrained != BUILTIN_TINY:
-      raise ModelLoadError(f"model.pretrained: unknown builtin model {pretrained!r}; "
-                           f"the only one is {BUILTIN_TINY!r}")
+    _check_builtin(pretrained)
+    if pretrained == BUILTIN_TOYWORLD:
+      return toyworld.PRETRAINED_DIR
     path = os.path.join(cache_dir(), "tiny-sd")
     if not os.path.isfile(os.path.join(path, "model_index.json")):
       build_tiny_pipeline(path)
@@ -157,12 +161,16 @@ def check_pipeline_dir(directory: str) -> None:
 def check_pretrained(pretrained: str) -> None:
   """The checks of `pretrained` that need no download: a builtin name or a local directory."""
   if pretrained.startswith(BUILTIN_PREFIX):
-    if pretrained != BUILTIN_TINY:
-      raise ModelLoadError(f"model.pretrained: unknown builtin model {pretrained!r}; "
-                           f"the only one is {BUILTIN_TINY!r}")
+    _check_builtin(pretrained)
     return
   if os.path.exists(pretrained) or not is_hub_id(pretrained):
     check_pipeline_dir(resolve_pretrained(pretrained))
+
+
+def _check_builtin(pretrained: str) -> None:
+  if pretrained not in BUILTIN_MODELS:
+    raise ModelLoadError(f"model.pretrained: unknown builtin model {pretrained!r}; "
+                         f"choose one of {', '.join(BUILTIN_MODELS)}")
 
 
 def is_hub_id(name: str) -> bool:

@@ -350,7 +350,7 @@ def test_cli_truncated_jpeg(tmp_path):
   instance, bad = _instance_dir_with(tmp_path, _truncated_jpeg)
   workdir = tmp_path / "w"
   result = subprocess.run(
-      [sys.executable, "-m", "dreambooth_jax.main", "--config=configs/demo.py",
+      [sys.executable, "-m", "dreambooth_jax.main", "--config=configs/tiny.py",
        f"--workdir={workdir}", f"--config.data.instance_dir={instance}"],
       cwd=str(REPO), env=dict(os.environ), capture_output=True, text=True, timeout=300,
       check=False)

@@ -37,8 +37,8 @@ def test_small_config_is_accepted_unchanged(small_config):
 
 
 def test_demo_config_with_builtins_is_accepted():
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  config_check.check_config(demo.get_config())
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config_check.check_config(tiny.get_config())
 
 
 def test_unknown_field(small_config):
@@ -215,7 +215,7 @@ def test_check_workdir_new_or_existing_dir_is_fine_and_not_created(tmp_path):
 
 def _run_cli(workdir, *flags):
   return subprocess.run(
-      [sys.executable, "-m", "dreambooth_jax.main", "--config=configs/demo.py",
+      [sys.executable, "-m", "dreambooth_jax.main", "--config=configs/tiny.py",
        f"--workdir={workdir}", *flags],
       cwd=str(REPO), env=dict(os.environ), capture_output=True, text=True, timeout=120)
 

@@ -34,7 +34,7 @@ _rows = conftest.metric_rows
 
 def _small_flags(tiny_dir, instance_dir):
   """The CLI flags giving conftest.make_small_config."""
-  return ["--config=configs/demo.py", f"--config.model.pretrained={tiny_dir}",
+  return ["--config=configs/tiny.py", f"--config.model.pretrained={tiny_dir}",
           f"--config.data.instance_dir={instance_dir}", "--config.data.num_class_images=2",
           "--config.class_images.num_inference_steps=2", "--config.train.steps=6",
           "--config.train.batch_size=1", "--config.train.warmup_steps=2",

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _flags(tiny_dir, instance_dir, steps):
-  return ["--config=configs/demo.py", f"--config.model.pretrained={tiny_dir}",
+  return ["--config=configs/tiny.py", f"--config.model.pretrained={tiny_dir}",
           f"--config.data.instance_dir={instance_dir}", "--config.data.num_class_images=3",
           "--config.class_images.num_inference_steps=2", f"--config.train.steps={steps}",
           "--config.train.batch_size=2", "--config.train.warmup_steps=0",

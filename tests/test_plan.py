@@ -78,7 +78,7 @@ def test_default_architecture():
 def test_plan_cli_simulates_the_requested_device_count():
   import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   result = subprocess.run(
-      [sys.executable, "-m", "dreambooth_jax.plan", "--config=configs/demo.py", "--devices=2"],
+      [sys.executable, "-m", "dreambooth_jax.plan", "--config=configs/tiny.py", "--devices=2"],
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
       text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_jax import checkpoints, input_pipeline, train
+from dreambooth_jax.toyworld import pretrain
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,17 +137,22 @@ def test_demo_cli_end_to_end_then_sample_cli(tmp_path):
                      "--config.checkpoint.every_steps=2",
                      "--config.data.num_class_images=2",
                      "--config.class_images.num_inference_steps=2",
-                     "--config.sample.num_inference_steps=2", "--config.sample.num_images=2"],
+                     "--config.sample.num_inference_steps=2", "--config.sample.num_images=2",
+                     "--config.log.every_steps=5"],
                     env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"pipeline: {workdir}/export" in result.stderr
   assert [row["step"] for row in _rows(workdir)] == [4]  # log every 5, and the last step
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
-  assert (workdir / "samples" / "grid.png").is_file()
+  # The demo's model and subject: the committed toy-world pipeline and the striped ball.
+  assert json.loads((workdir / "prompts.json").read_text())["instance_prompt"] == "a sks ball"
+  assert Image.open(workdir / "samples" / "grid.png").size == (2 * 32, 5 * 32)
+  with open(workdir / "export" / "text_encoder" / "config.json") as f:
+    assert json.load(f)["max_position_embeddings"] == pretrain.MAX_LENGTH
 
   out = tmp_path / "samples"
   result = _run_cli(["dreambooth_jax.sample", f"--pipeline={workdir}/export",
-                     "--prompt=a photo of sks toy on the beach", "--prompt=a photo of toy",
+                     "--prompt=a sks ball on the beach", "--prompt=a ball",
                      "--num_images=3", f"--out={out}", "--steps=2", "--scheduler=dpm"])
   assert result.returncode == 0, result.stderr[-3000:]
   names = sorted(os.listdir(out))
