@@ -18,8 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.resume_ignore_changes = False
 
   config.model = ml_collections.ConfigDict()
-  # Hub id ("runwayml/stable-diffusion-v1-5"), a local diffusers-layout directory, or
-  # "builtin:tiny-sd" (a tiny random pipeline built on first use; demo and tests).
+  # Hub id ("runwayml/stable-diffusion-v1-5"), a local diffusers-layout directory,
+  # "builtin:toyworld" (the toy-world model shipped in the package; the demo's) or
+  # "builtin:tiny-sd" (a tiny random pipeline built on first use; tests and benchmarks).
   config.model.pretrained = "builtin:tiny-sd"
   # Hub revision (branch, tag or commit); "" for the default branch. Ignored for local dirs.
   config.model.revision = ""
@@ -48,7 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   # Folder of 3-5 subject photos (jpg, jpeg, png, webp): a local path, a gs://bucket/dir (read
-  # through fsspec; needs `pip install -e ".[gcs]"`), or "builtin:demo-toy" (generated).
+  # through fsspec; needs `pip install -e ".[gcs]"`), or a builtin drawn on first use:
+  # "builtin:toyworld-subject" (the demo's striped ball) or "builtin:demo-toy" (tests).
   config.data.instance_dir = ""
   # Prompt for every instance photo. {identifier} and {class} are replaced by data.identifier
   # and data.class_name; the prompt must name the identifier (placeholder or literally).

@@ -307,19 +307,24 @@ TINY_WORDS = (
     "top front view close up shiny colorful old new sitting lying floating cute").split()
 
 
-def _tiny_tokenizer_files(directory: str) -> None:
-  """Writes vocab.json/merges.txt: CLIP byte-level BPE that keeps TINY_WORDS whole."""
+def write_word_tokenizer_files(directory: str, words: list[str] | tuple[str, ...]) -> None:
+  """vocab.json and merges.txt of a CLIP byte-level BPE that keeps each of `words` whole.
+
+  Each word's merges join its characters left to right, in the order of `words` (a later word
+  gets higher merge ids: rarer, to `identifiers`); every byte keeps a token, so any text
+  tokenizes.
+  """
   from transformers.models.clip.tokenization_clip import bytes_to_unicode  # pylint: disable=g-import-not-at-top
   byte_chars = list(bytes_to_unicode().values())
   vocab = byte_chars + [c + "</w>" for c in byte_chars]
   merges = []
-  for word in TINY_WORDS:
+  for word in words:
     symbols = list(word[:-1]) + [word[-1] + "</w>"]
     while len(symbols) > 1:
-      pair = (symbols[0], symbols[1])
-      merged = pair[0] + pair[1]
-      if f"{pair[0]} {pair[1]}" not in merges:
-        merges.append(f"{pair[0]} {pair[1]}")
+      merged = symbols[0] + symbols[1]
+      merge = f"{symbols[0]} {symbols[1]}"
+      if merge not in merges:
+        merges.append(merge)
         vocab.append(merged)
       symbols = [merged] + symbols[2:]
   vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -358,7 +363,7 @@ def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "eps
   """
   tmp_dir = out_dir.rstrip("/") + f".tmp{os.getpid()}"
   shutil.rmtree(tmp_dir, ignore_errors=True)
-  _tiny_tokenizer_files(os.path.join(tmp_dir, "tokenizer_src"))
+  write_word_tokenizer_files(os.path.join(tmp_dir, "tokenizer_src"), TINY_WORDS)
   tokenizer = CLIPTokenizer(os.path.join(tmp_dir, "tokenizer_src", "vocab.json"),
                             os.path.join(tmp_dir, "tokenizer_src", "merges.txt"),
                             model_max_length=77)

@@ -22,7 +22,7 @@ import pytest  # noqa: E402  pylint: disable=g-import-not-at-top
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import tiny as tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
 from dreambooth_jax import demo_data, models  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -44,8 +44,8 @@ def instance_dir() -> str:
 
 
 def make_small_config(tiny_dir: str, instance_dir: str):
-  """The demo config cut down to seconds: 6 steps, 2 class images, 2-step samplers."""
-  config = tiny.get_config()
+  """configs/tiny.py cut down to seconds: 6 steps, 2 class images, 2-step samplers."""
+  config = tiny_config.get_config()
   config.model.pretrained = tiny_dir
   config.data.instance_dir = instance_dir
   config.data.num_class_images = 2

@@ -85,6 +85,10 @@ def test_two_processes_have_the_loss_curve_of_one_process_with_the_same_devices(
   single = _losses(runs["single"])
   two_process = runs["two_process_rows"]
   assert [row[0] for row in two_process] == [1, 2, 3, 4]  # process 0 alone wrote the rows
+  print("step | 1 process loss (instance, prior) | 2 processes loss (instance, prior)")
+  for one, two in zip(single, two_process):  # shown by `pytest -rP`
+    print(f"{one[0]} | {one[1]:.7f} ({one[2]:.7f}, {one[3]:.7f}) | "
+          f"{two[1]:.7f} ({two[2]:.7f}, {two[3]:.7f})")
   np.testing.assert_allclose(np.asarray(two_process)[:, 1:], np.asarray(single[:4])[:, 1:],
                              rtol=1e-5)
   for _, stderr in runs["outputs"]:

@@ -135,37 +135,10 @@ def tokenizer_words() -> tuple[str, ...]:
   return tuple(words) + RARE_TOKENS
 
 
-def write_tokenizer_files(directory: str, words: Sequence[str]) -> None:
-  """vocab.json and merges.txt of a CLIP byte-level BPE that keeps each of `words` whole.
-
-  Like models._tiny_tokenizer_files, for a word list of our own: each word's merges join its
-  characters left to right; every byte still has a token, so any text tokenizes.
-  """
-  from transformers.models.clip.tokenization_clip import bytes_to_unicode  # pylint: disable=g-import-not-at-top
-  byte_chars = list(bytes_to_unicode().values())
-  vocab = byte_chars + [c + "</w>" for c in byte_chars]
-  merges = []
-  for word in words:
-    symbols = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(symbols) > 1:
-      merged = symbols[0] + symbols[1]
-      merge = f"{symbols[0]} {symbols[1]}"
-      if merge not in merges:
-        merges.append(merge)
-        vocab.append(merged)
-      symbols = [merged] + symbols[2:]
-  vocab += ["<|startoftext|>", "<|endoftext|>"]
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "vocab.json"), "w") as f:
-    json.dump({token: i for i, token in enumerate(vocab)}, f)
-  with open(os.path.join(directory, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-
-
 def build_tokenizer(scratch_dir: str) -> CLIPTokenizer:
   """The world tokenizer; fails if a word of `tokenizer_words` would not be one token."""
   files = os.path.join(scratch_dir, "tokenizer_src")
-  write_tokenizer_files(files, tokenizer_words())
+  models.write_word_tokenizer_files(files, tokenizer_words())
   tokenizer = CLIPTokenizer(os.path.join(files, "vocab.json"),
                             os.path.join(files, "merges.txt"), model_max_length=MAX_LENGTH)
   shutil.rmtree(files)
