@@ -200,6 +200,7 @@ def run_one(variant: Variant, seed: int, settings: Settings, out_dir: str, sampl
     from dreambooth_jax.toyworld import pretrain  # pylint: disable=g-import-not-at-top
     sampling.write_png(pretrain.labelled_grid(grid, labels),
                        os.path.join(out_dir, f"grid_{variant.key}.png"))
+  os.makedirs(workdir, exist_ok=True)  # the base row trains nothing, so has no workdir yet
   atomic_files.write_json(scores_path, scores)
   return scores
 
