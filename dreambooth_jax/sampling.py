@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from dreambooth_jax import atomic_files, input_pipeline, models, sharding
 
@@ -147,3 +147,20 @@ def write_samples(components: models.Components, params, mesh: jax.sharding.Mesh
   atomic_files.write_json(os.path.join(out_dir, "prompts.json"),
                           {f"prompt{i}": p for i, p in enumerate(prompts)})
   return grid
+
+
+def labelled_grid(images: np.ndarray, labels: Sequence[str], scale: int = 2) -> np.ndarray:
+  """Rows of images, each upscaled `scale` times, with its label on the left."""
+  rows, columns, height, width, _ = images.shape
+  cell_h, cell_w = height * scale, width * scale
+  label_w = 220
+  canvas = Image.new("RGB", (label_w + columns * (cell_w + 2), rows * (cell_h + 2)),
+                     (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  font = ImageFont.load_default()
+  for r in range(rows):
+    draw.text((6, r * (cell_h + 2) + cell_h // 2 - 6), labels[r], fill=(0, 0, 0), font=font)
+    for c in range(columns):
+      tile = Image.fromarray(images[r, c]).resize((cell_w, cell_h), Image.Resampling.NEAREST)
+      canvas.paste(tile, (label_w + c * (cell_w + 2), r * (cell_h + 2)))
+  return np.asarray(canvas)

@@ -35,7 +35,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -196,9 +195,7 @@ def run_one(variant: Variant, seed: int, settings: Settings, out_dir: str, sampl
   scores = score_samples(samples, real_photos, judges)
   if seed == settings.seeds[0]:
     grid, labels = samples_grid(samples, variant.identifier)
-    # Imported here: pretrain pulls in the optimiser and training code the table does not need.
-    from dreambooth_jax.toyworld import pretrain  # pylint: disable=g-import-not-at-top
-    sampling.write_png(pretrain.labelled_grid(grid, labels),
+    sampling.write_png(sampling.labelled_grid(grid, labels),
                        os.path.join(out_dir, f"grid_{variant.key}.png"))
   os.makedirs(workdir, exist_ok=True)  # the base row trains nothing, so has no workdir yet
   atomic_files.write_json(scores_path, scores)

@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
@@ -447,23 +446,6 @@ GRID_PROMPTS = ("a red ball on grass", "a blue box in the snow", "a yellow tree 
                 "a ball", "a sks ball")
 
 
-def labelled_grid(images: np.ndarray, labels: Sequence[str], scale: int = 2) -> np.ndarray:
-  """Rows of images, each upscaled `scale` times, with its label on the left."""
-  rows, columns, height, width, _ = images.shape
-  cell_h, cell_w = height * scale, width * scale
-  label_w = 220
-  canvas = Image.new("RGB", (label_w + columns * (cell_w + 2), rows * (cell_h + 2)),
-                     (255, 255, 255))
-  draw = ImageDraw.Draw(canvas)
-  font = ImageFont.load_default()
-  for r in range(rows):
-    draw.text((6, r * (cell_h + 2) + cell_h // 2 - 6), labels[r], fill=(0, 0, 0), font=font)
-    for c in range(columns):
-      tile = Image.fromarray(images[r, c]).resize((cell_w, cell_h), Image.Resampling.NEAREST)
-      canvas.paste(tile, (label_w + c * (cell_w + 2), r * (cell_h + 2)))
-  return np.asarray(canvas)
-
-
 # --------------------------------------------------------------------------------------------
 # The whole run.
 
@@ -536,7 +518,7 @@ def pretrain(out_dir: str, settings: Settings = Settings(),
     images = sample_prompts(components, params, GRID_PROMPTS, s.grid_images, s.seed, s.eval_steps,
                             s.guidance_scale)
     os.makedirs(os.path.dirname(os.path.abspath(grid_path)), exist_ok=True)
-    sampling.write_png(labelled_grid(images, GRID_PROMPTS), grid_path)
+    sampling.write_png(sampling.labelled_grid(images, GRID_PROMPTS), grid_path)
   return report
 
 
