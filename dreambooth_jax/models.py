@@ -13,6 +13,8 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 from dreambooth_jax import quiet  # noqa: F401  (must precede diffusers/transformers)
@@ -307,7 +309,7 @@ TINY_WORDS = (
     "top front view close up shiny colorful old new sitting lying floating cute").split()
 
 
-def write_word_tokenizer_files(directory: str, words: list[str] | tuple[str, ...]) -> None:
+def _write_word_tokenizer_files(directory: str, words: Sequence[str]) -> None:
   """vocab.json and merges.txt of a CLIP byte-level BPE that keeps each of `words` whole.
 
   Each word's merges join its characters left to right, in the order of `words` (a later word
@@ -333,6 +335,15 @@ def write_word_tokenizer_files(directory: str, words: list[str] | tuple[str, ...
     json.dump({token: i for i, token in enumerate(vocab)}, f)
   with open(os.path.join(directory, "merges.txt"), "w") as f:
     f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def build_word_tokenizer(words: Sequence[str], model_max_length: int) -> CLIPTokenizer:
+  """A CLIPTokenizer that keeps each of `words` whole (its files are written to a scratch
+  directory, read, and removed)."""
+  with tempfile.TemporaryDirectory() as scratch:
+    _write_word_tokenizer_files(scratch, words)
+    return CLIPTokenizer(os.path.join(scratch, "vocab.json"), os.path.join(scratch, "merges.txt"),
+                         model_max_length=model_max_length)
 
 
 TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
@@ -363,11 +374,7 @@ def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "eps
   """
   tmp_dir = out_dir.rstrip("/") + f".tmp{os.getpid()}"
   shutil.rmtree(tmp_dir, ignore_errors=True)
-  write_word_tokenizer_files(os.path.join(tmp_dir, "tokenizer_src"), TINY_WORDS)
-  tokenizer = CLIPTokenizer(os.path.join(tmp_dir, "tokenizer_src", "vocab.json"),
-                            os.path.join(tmp_dir, "tokenizer_src", "merges.txt"),
-                            model_max_length=77)
-  shutil.rmtree(os.path.join(tmp_dir, "tokenizer_src"))
+  tokenizer = build_word_tokenizer(TINY_WORDS, model_max_length=77)
   rng_unet, rng_vae = jax.random.split(jax.random.key(seed))
   unet = FlaxUNet2DConditionModel(**TINY_UNET)
   vae = FlaxAutoencoderKL(**TINY_VAE)

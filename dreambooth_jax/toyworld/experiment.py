@@ -102,12 +102,7 @@ def run_config(variant: Variant, seed: int, out_dir: str,
   config.train.with_prior_preservation = variant.prior_preservation
   config.sample.prompts = ()  # the experiment samples for itself
   config.eval.every_steps = 0
-  for path, value in overrides:
-    *parents, name = path.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
+  config.update_from_flattened_dict(dict(overrides))
   return config
 
 

@@ -134,13 +134,9 @@ def tokenizer_words() -> tuple[str, ...]:
   return tuple(words) + RARE_TOKENS
 
 
-def build_tokenizer(scratch_dir: str) -> CLIPTokenizer:
+def build_tokenizer() -> CLIPTokenizer:
   """The world tokenizer; fails if a word of `tokenizer_words` would not be one token."""
-  files = os.path.join(scratch_dir, "tokenizer_src")
-  models.write_word_tokenizer_files(files, tokenizer_words())
-  tokenizer = CLIPTokenizer(os.path.join(files, "vocab.json"),
-                            os.path.join(files, "merges.txt"), model_max_length=MAX_LENGTH)
-  shutil.rmtree(files)
+  tokenizer = models.build_word_tokenizer(tokenizer_words(), MAX_LENGTH)
   split = [w for w in tokenizer_words() if len(tokenizer.tokenize(w)) != 1]
   if split:
     raise RuntimeError(f"the tokenizer splits {split}; reorder the word list")
@@ -474,7 +470,7 @@ def pretrain(out_dir: str, settings: Settings = Settings(),
   staging = out_dir.rstrip("/") + ".staging"
   shutil.rmtree(staging, ignore_errors=True)
   os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-  tokenizer = build_tokenizer(os.path.dirname(os.path.abspath(out_dir)))
+  tokenizer = build_tokenizer()
   components, params = build_components(tokenizer, arch, s.seed)
 
   print(f"drawing {s.vae_images} autoencoder and {s.train_images} training pictures",

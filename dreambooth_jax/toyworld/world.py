@@ -70,6 +70,7 @@ _MIN_RENDER = 128
 # Fixed (scene-independent) layouts of the 4 subject photos: (size word, centre x, bottom y).
 _SUBJECT_PHOTO_LAYOUTS = (("big", 0.32, 0.93), ("small", 0.7, 0.86),
                           ("big", 0.62, 0.97), ("small", 0.3, 0.8))
+SUBJECT_PHOTO_COUNT = len(_SUBJECT_PHOTO_LAYOUTS)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
