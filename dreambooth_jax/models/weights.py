@@ -226,7 +226,7 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray],
       os.remove(tmp_path)
 
 
-def _with_variant(filename: str, variant: str | None) -> str:
+def with_variant(filename: str, variant: str | None) -> str:
   """diffusers' and transformers' spelling: the variant goes before the last extension."""
   if variant is None:
     return filename
@@ -245,8 +245,8 @@ def find_weights(component_dir: str, filenames: tuple[str, ...],
   """
   looked_for = []
   for filename in filenames:
-    for candidate in (_with_variant(filename, variant),
-                      _with_variant(f"{filename}.index.json", variant)):
+    for candidate in (with_variant(filename, variant),
+                      with_variant(f"{filename}.index.json", variant)):
       looked_for.append(candidate)
       if os.path.isfile(os.path.join(component_dir, candidate)):
         return os.path.join(component_dir, candidate)
@@ -306,6 +306,6 @@ def save_component(component_dir: str, component: str, params: Any, dtype: str =
   """
   _check_component(component)
   os.makedirs(component_dir, exist_ok=True)
-  path = os.path.join(component_dir, _with_variant(WEIGHT_FILES[component][0], variant))
+  path = os.path.join(component_dir, with_variant(WEIGHT_FILES[component][0], variant))
   save_safetensors(path, flax_to_torch(params, component), dtype)
   return path

@@ -1,0 +1,135 @@
+"""Models that need no download: the tiny random pipeline (tests, benchmarks), the committed
+toy-world model (the demo) and random weights of a shipped architecture (speed and memory
+measurements at real sizes).
+
+Each is a diffusers-layout folder of PyTorch safetensors, exactly as a hub repo holds one, so
+the code that loads them is the code that loads a user's model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from dreambooth_jax import toyworld
+from dreambooth_jax.models import pipeline, tokenizer as tokenizers
+
+PREFIX = "builtin:"
+TINY = "builtin:tiny-sd"
+TOYWORLD = "builtin:toyworld"
+# Random weights of a shipped architecture (dreambooth_jax/architectures/<name>.json), with a
+# small word tokenizer: what the benchmark times at Stable Diffusion's real sizes.
+RANDOM_PREFIX = "builtin:random-"
+MODELS = (TINY, TOYWORLD, RANDOM_PREFIX + "sd15", RANDOM_PREFIX + "sd21")
+
+TINY_WORDS = (
+    "a an the of on in at with and photo picture image painting drawing rendering sks toy dog "
+    "cat car bag bowl can boot backpack sunglasses teapot vase clock candle shoe beach snow "
+    "grass night city forest water table floor mountain street red blue green yellow orange "
+    "purple pink black white brown gray small big wet cube ball sphere box checkered striped "
+    "top front view close up shiny colorful old new sitting lying floating cute").split()
+
+TINY_UNET = dict(_class_name="UNet2DConditionModel", sample_size=16, in_channels=4,
+                 out_channels=4, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+                 block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=8,
+                 cross_attention_dim=32)
+TINY_VAE = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3,
+                down_block_types=["DownEncoderBlock2D"] * 2,
+                up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64],
+                latent_channels=4, layers_per_block=1, sample_size=32, scaling_factor=0.18215)
+TINY_SCHEDULER = dict(_class_name="DDIMScheduler", beta_start=0.00085, beta_end=0.012,
+                      beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                      prediction_type="epsilon")
+
+
+def tiny_text_config(vocab_size: int, max_positions: int = 77) -> dict:
+  return dict(architectures=["CLIPTextModel"], model_type="clip_text_model",
+              vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=max_positions,
+              hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=vocab_size - 2,
+              eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, projection_dim=32)
+
+
+def check(pretrained: str) -> None:
+  if pretrained not in MODELS:
+    raise pipeline.ModelLoadError(f"model.pretrained: unknown builtin model {pretrained!r}; "
+                                  f"choose one of {', '.join(MODELS)}")
+
+
+def resolve_pretrained(pretrained: str, revision: str | None = None,
+                       variant: str | None = None) -> str:
+  """A local diffusers-layout directory for a builtin name, a local path or a hub id."""
+  if pretrained.startswith(PREFIX):
+    check(pretrained)
+    if pretrained == TOYWORLD:
+      return toyworld.PRETRAINED_DIR
+    name = pretrained[len(PREFIX):]
+    path = os.path.join(pipeline.cache_dir(), name)
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+      if pretrained == TINY:
+        build_tiny_pipeline(path)
+      else:
+        build_random_pipeline(pretrained[len(RANDOM_PREFIX):], path)
+    return path
+  return (pipeline.local_dir(pretrained, "model.pretrained")
+          or pipeline.download_from_hub(pretrained, revision, variant))
+
+
+def check_pretrained(pretrained: str) -> None:
+  """The checks of `pretrained` that need no download: a builtin name, a single file or a
+  local directory."""
+  if pretrained.startswith(PREFIX):
+    check(pretrained)
+  elif pretrained.endswith(".safetensors") and os.path.exists(pretrained):
+    if not os.path.isfile(pretrained):
+      raise pipeline.ModelLoadError(f"model.pretrained: {pretrained} is not a file")
+  elif os.path.exists(pretrained) or not pipeline.is_hub_id(pretrained):
+    pipeline.check_pipeline_dir(resolve_pretrained(pretrained))
+
+
+def load_tokenizer(pretrained: str, revision: str | None = None) -> tokenizers.ClipTokenizer:
+  """Only the tokenizer of a pipeline (for a hub id, only its tokenizer files are downloaded)."""
+  if pretrained.startswith(PREFIX) or os.path.exists(pretrained):
+    directory = resolve_pretrained(pretrained, revision)
+  else:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+    directory = huggingface_hub.snapshot_download(pretrained, revision=revision,
+                                                  allow_patterns=["tokenizer/*"])
+  tokenizer_dir = os.path.join(directory, "tokenizer")
+  if not any(os.path.isfile(os.path.join(tokenizer_dir, f))
+             for f in ("vocab.json", "tokenizer.json")):
+    raise pipeline.ModelLoadError(f"model.pretrained: {directory} has no tokenizer/vocab.json")
+  return tokenizers.ClipTokenizer.from_directory(tokenizer_dir)
+
+
+def _save_random(configs: dict, tokenizer: tokenizers.ClipTokenizer, out_dir: str,
+                 seed: int) -> str:
+  """Random weights for `configs`, saved like a hub repo; written to a temporary directory
+  first so that a crash never leaves a half-built model behind."""
+  tmp_dir = out_dir.rstrip("/") + f".tmp{os.getpid()}"
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  components = pipeline.build_components(configs, tokenizer)
+  pipeline.write_pipeline_dir(components, components.init_params(seed), tmp_dir)
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+  os.rename(tmp_dir, out_dir)
+  return out_dir
+
+
+def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "epsilon") -> str:
+  """A random-init SD-shaped pipeline (32 px images), deterministic from `seed`."""
+  tokenizer = tokenizers.build_word_tokenizer(TINY_WORDS, model_max_length=77)
+  configs = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": tiny_text_config(len(tokenizer)),
+             "scheduler": dict(TINY_SCHEDULER, prediction_type=prediction_type)}
+  return _save_random(configs, tokenizer, out_dir, seed)
+
+
+def build_random_pipeline(architecture: str, out_dir: str, seed: int = 0) -> str:
+  """Random weights of a shipped architecture, with the tiny word tokenizer (its ids fit any
+  CLIP vocabulary)."""
+  configs = pipeline.architecture_configs(architecture)
+  tokenizer = tokenizers.build_word_tokenizer(
+      TINY_WORDS, model_max_length=configs["text_encoder"]["max_position_embeddings"])
+  return _save_random(configs, tokenizer, out_dir, seed)
