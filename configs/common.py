@@ -27,8 +27,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute dtype of the UNet, VAE and text encoder: "float32", "bfloat16" or "float16".
   # Trained parameters and optimizer state always stay float32.
   config.model.dtype = "float32"
-  # Attention computed in query chunks (diffusers' jax_memory_efficient_attention): less memory
-  # at high resolution, same result; usually slower on small images.
+  # Weight-file variant to read ("fp16" reads diffusion_pytorch_model.fp16.safetensors etc.);
+  # "" for the full-precision files. Weights are float32 in memory either way.
+  config.model.variant = ""
+  # Attention implementation: "xla" (jax.nn.dot_product_attention; XLA picks the kernel),
+  # "cudnn" (cuDNN flash attention; GPU with bfloat16/float16 only) or "chunked" (our
+  # memory-efficient attention in query and key chunks: less memory at high resolution).
+  config.model.attention = "xla"
+  # The older switch for attention="chunked" (true overrides model.attention).
   config.model.memory_efficient_attention = False
 
   config.distributed = ml_collections.ConfigDict()
@@ -163,6 +169,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.scheduler = "ddim"
   config.eval.num_inference_steps = 25
   config.eval.guidance_scale = 7.5
+
+  config.export = ml_collections.ConfigDict()
+  # workdir/export is a diffusers PyTorch-layout pipeline of float32 safetensors; also write
+  # float16 copies as the "fp16" variant (from_pretrained(export, variant="fp16")).
+  config.export.fp16_variant = False
+  # Also write workdir/export.safetensors: one float16 file in the original Stable Diffusion
+  # key layout, which ComfyUI, A1111/Forge and diffusers' from_single_file load.
+  config.export.single_file = False
 
   config.sample = ml_collections.ConfigDict()
   # Prompts sampled from the exported pipeline at the end of training ({identifier} and

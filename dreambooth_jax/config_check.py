@@ -10,6 +10,7 @@ import ml_collections
 
 from configs import common
 from dreambooth_jax import demo_data, identifiers, input_pipeline, models
+from dreambooth_jax.models import schedulers
 
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -129,10 +130,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _require(config.class_images.batch_size >= 1, "class_images.batch_size", "must be >= 1")
     _require(config.class_images.num_inference_steps >= 1, "class_images.num_inference_steps",
              "must be >= 1")
-    _require(config.class_images.scheduler in models.SAMPLING_SCHEDULERS,
-             "class_images.scheduler", f"must be one of {sorted(models.SAMPLING_SCHEDULERS)}")
-  _require(config.sample.scheduler in models.SAMPLING_SCHEDULERS, "sample.scheduler",
-           f"must be one of {sorted(models.SAMPLING_SCHEDULERS)}")
+    _require(config.class_images.scheduler in schedulers.SAMPLERS,
+             "class_images.scheduler", f"must be one of {sorted(schedulers.SAMPLERS)}")
+  _require(config.sample.scheduler in schedulers.SAMPLERS, "sample.scheduler",
+           f"must be one of {sorted(schedulers.SAMPLERS)}")
   _require(config.sample.num_images >= 1, "sample.num_images", "must be >= 1")
   _require(config.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = never)")
   if config.eval.every_steps:
@@ -140,8 +141,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              "no validation prompts: set eval.prompts (or sample.prompts)")
     _require(config.eval.num_images >= 1, "eval.num_images", "must be >= 1")
     _require(config.eval.num_inference_steps >= 1, "eval.num_inference_steps", "must be >= 1")
-    _require(config.eval.scheduler in models.SAMPLING_SCHEDULERS, "eval.scheduler",
-             f"must be one of {sorted(models.SAMPLING_SCHEDULERS)}")
+    _require(config.eval.scheduler in schedulers.SAMPLERS, "eval.scheduler",
+             f"must be one of {sorted(schedulers.SAMPLERS)}")
   _require(config.sample.num_inference_steps >= 1, "sample.num_inference_steps", "must be >= 1")
   _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
   _require(config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1")

@@ -27,6 +27,7 @@ from PIL import Image
 from dreambooth_jax import (atomic_files, cli_errors, compilation_cache, dreambooth_dataset,
                             eval_features, eval_metrics, eval_prompts, input_pipeline, models,
                             sampling, sharding)
+from dreambooth_jax.models import schedulers
 
 FLAGS = flags.FLAGS
 
@@ -51,7 +52,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_images", eval_prompts.IMAGES_PER_PROMPT, "Images per prompt.")
   flags.DEFINE_string("out", None, "Output folder.")
   flags.DEFINE_integer("seed", 0, "Sampling seed; image k of every prompt starts from noise k.")
-  flags.DEFINE_enum("scheduler", "ddim", sorted(models.SAMPLING_SCHEDULERS), "Sampler.")
+  flags.DEFINE_enum("scheduler", "ddim", sorted(schedulers.SAMPLERS), "Sampler.")
   flags.DEFINE_integer("steps", 50, "Denoising steps.")
   flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
   flags.DEFINE_integer("resolution", 0, "Sample size in px; 0 = the UNet's native size.")

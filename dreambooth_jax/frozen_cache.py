@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -71,16 +70,13 @@ def latent_distributions(components: models.Components, vae_params: Any,
 
 def _mean_and_std(components: models.Components, vae_params: Any, pixels: jax.Array):
   """The float32 mean and std the training step would compute from these pixels."""
-  latent_dist = components.vae.apply({"params": vae_params}, pixels,
-                                     method=components.vae.encode).latent_dist
-  return latent_dist.mean.astype(jnp.float32), latent_dist.std.astype(jnp.float32)
+  return components.encode_pixels(vae_params, pixels)
 
 
 def prompt_embeddings(components: models.Components, text_params: Any,
                       token_ids: np.ndarray) -> np.ndarray:
   """The text encoder's last hidden states of each row of token ids ([prompts, tokens, dim])."""
-  encode = jax.jit(lambda params, ids: components.text_encoder(ids, params=params,
-                                                               train=False)[0])
+  encode = jax.jit(components.encode_text)
   return np.asarray(sharding.to_host(encode(text_params, token_ids)))
 
 

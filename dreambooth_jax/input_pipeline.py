@@ -114,15 +114,13 @@ def crop(image: np.ndarray, resolution: int, center: bool,
 
 
 def to_model_range(images: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] NHWC → float32 [-1, 1] NCHW, the layout the diffusers VAE takes."""
+  """uint8 [0, 255] NHWC → float32 [-1, 1] NCHW, the layout the VAE takes."""
   return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
 
 
 def tokenize(tokenizer, prompt: str) -> np.ndarray:
   """Token ids padded to the tokenizer's max length (int32, shape [L])."""
-  ids = tokenizer(prompt, padding="max_length", truncation=True,
-                  max_length=tokenizer.model_max_length, return_tensors="np").input_ids
-  return ids[0].astype(np.int32)
+  return tokenizer.encode([prompt])[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,11 +40,9 @@ ARCHITECTURES = ("sd15", "sd21")
 
 def architecture_configs(architecture: str) -> dict[str, dict[str, Any]]:
   """{unet, vae, text_encoder, scheduler} configs of a shipped architecture or a local dir."""
-  if architecture in ARCHITECTURES:
-    path = os.path.join(os.path.dirname(__file__), "architectures", f"{architecture}.json")
-    with open(path) as f:
-      return json.load(f)
   from dreambooth_jax import models  # pylint: disable=g-import-not-at-top
+  if architecture in ARCHITECTURES:
+    return models.architecture_configs(architecture)
   directory = models.resolve_pretrained(architecture)
   files = {"unet": "unet/config.json", "vae": "vae/config.json",
            "text_encoder": "text_encoder/config.json",
@@ -65,30 +63,17 @@ def default_architecture(pretrained: str) -> str:
   return "sd21" if ("2-1" in pretrained or "2.1" in pretrained) else "sd15"
 
 
-def abstract_pipeline(configs: dict[str, dict[str, Any]], dtype: str,
-                      memory_efficient_attention: bool = False):
+def abstract_pipeline(configs: dict[str, dict[str, Any]], dtype: str, attention: str = "xla"):
   """(Components, abstract float32 params): modules from configs, parameters as shapes only."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  from transformers import CLIPTextConfig, FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
   from dreambooth_jax import models  # pylint: disable=g-import-not-at-top
-  compute = jnp.dtype(dtype)
-  unet = FlaxUNet2DConditionModel.from_config(
-      configs["unet"], dtype=compute, use_memory_efficient_attention=memory_efficient_attention)
-  vae = FlaxAutoencoderKL.from_config(configs["vae"], dtype=compute)
-  text_config = CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items()
-                                  if k not in ("architectures", "model_type")})
-  text_encoder = FlaxCLIPTextModel(text_config, dtype=compute, _do_init=False)
+  from dreambooth_jax.models import pipeline  # pylint: disable=g-import-not-at-top
   # Token ids only need to be < vocab_size for shapes; the tiny tokenizer's are.
   tokenizer = models.load_tokenizer(models.BUILTIN_TINY)
-  key = jax.random.PRNGKey(0)
-  params = {"unet": jax.eval_shape(unet.init_weights, key),
-            "vae": jax.eval_shape(vae.init_weights, key),
-            "text_encoder": text_encoder.params_shape_tree}
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
-  components = models.Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                 unet=unet, scheduler_config=configs["scheduler"])
+  components = pipeline.build_components(configs, tokenizer, dtype, attention)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                        components.abstract_params())
   return components, params
 
 
@@ -104,15 +89,14 @@ def placeholder_data(config, components, num_devices: int):
   if frozen_cache.caches_latents(config):
     latent_size = size // components.vae_scale_factor
     zeros = np.zeros((1, 2 if config.data.random_flip else 1, latent_size, latent_size,
-                      components.vae.config.latent_channels), np.float32)
+                      components.vae.latent_channels), np.float32)
     latents = input_pipeline.LatentDistributions(mean=zeros, std=zeros)
     cached.update(instance_latents=latents, class_latents=latents if with_prior else None)
   if frozen_cache.caches_prompt_embeddings(config):
-    text_config = components.text_encoder.config
+    text_encoder = components.text_encoder
     cached["prompt_embeddings"] = np.zeros(
-        (2, text_config.max_position_embeddings, text_config.hidden_size),
-        components.text_encoder.dtype)
-  ids = np.zeros(components.text_encoder.config.max_position_embeddings, np.int32)
+        (2, text_encoder.max_position_embeddings, text_encoder.hidden_size), text_encoder.dtype)
+  ids = np.zeros(components.text_encoder.max_position_embeddings, np.int32)
   return input_pipeline.DreamBoothData(
       instance_images=images, class_images=images if with_prior else [], instance_ids=ids,
       class_ids=ids, batch_size=config.train.batch_size, resolution=size,
@@ -125,9 +109,10 @@ def plan(config, architecture: str, devices=None) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dreambooth_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
+  from dreambooth_jax.models import pipeline  # pylint: disable=g-import-not-at-top
   configs = architecture_configs(architecture)
   components, params = abstract_pipeline(configs, config.model.dtype,
-                                         config.model.memory_efficient_attention)
+                                         pipeline.configured_attention(config.model))
   mesh = sharding.make_mesh(devices, config.mesh.data, config.mesh.fsdp)
   train_config = config.train
   optimizer = train_step.make_optimizer(train_config)

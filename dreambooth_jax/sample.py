@@ -12,6 +12,7 @@ import sys
 from absl import app, flags
 
 from dreambooth_jax import cli_errors, compilation_cache, models, sampling, sharding
+from dreambooth_jax.models import schedulers
 
 FLAGS = flags.FLAGS
 
@@ -23,7 +24,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_images", 4, "Images per prompt.")
   flags.DEFINE_string("out", None, "Output folder for prompt<i>_<k>.png, grid.png, prompts.json.")
   flags.DEFINE_integer("seed", 0, "Seed; image k of a prompt always starts from the same noise.")
-  flags.DEFINE_enum("scheduler", "ddim", sorted(models.SAMPLING_SCHEDULERS), "Sampler.")
+  flags.DEFINE_enum("scheduler", "ddim", sorted(schedulers.SAMPLERS), "Sampler.")
   flags.DEFINE_integer("steps", 50, "Denoising steps.")
   flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
   flags.DEFINE_integer("resolution", 0, "Image size in px; 0 = the UNet's native sample size.")

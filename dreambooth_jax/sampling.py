@@ -18,46 +18,46 @@ from PIL import Image, ImageDraw, ImageFont
 from dreambooth_jax import atomic_files, input_pipeline, models, sharding
 
 
+ANCESTRAL_NOISE_STREAM = 1  # folded into an image's key for the noise of ancestral steps
+
+
 def make_sampler(components: models.Components, mesh: jax.sharding.Mesh, resolution: int,
                  scheduler_name: str = "ddim", num_inference_steps: int = 50,
                  guidance_scale: float = 7.5) -> Callable:
   """sample(params, prompt_ids[N, L], image_ids[N], seed) → uint8 images [N, H, W, 3].
 
-  N must be a multiple of the mesh size (see `generate`, which pads).
+  N must be a multiple of the mesh size (see `generate`, which pads). Every random draw of
+  image k (its starting noise, and the noise of ancestral steps) is keyed by k alone.
   """
-  scheduler = components.sampling_scheduler(scheduler_name)
+  sampler = components.sampler(scheduler_name, num_inference_steps)
   latent_size = resolution // components.vae_scale_factor
-  latent_shape = (components.unet.config.in_channels, latent_size, latent_size)
-  scaling_factor = components.vae.config.scaling_factor
+  latent_shape = (components.latent_channels, latent_size, latent_size)
   uncond_ids = jnp.asarray(input_pipeline.tokenize(components.tokenizer, ""))
 
   def sample(params, prompt_ids, image_ids, seed):
-    text = lambda ids: components.text_encoder(ids, params=params["text_encoder"], train=False)[0]
-    cond = text(prompt_ids)
-    uncond = text(jnp.broadcast_to(uncond_ids, prompt_ids.shape))
-    context = jnp.concatenate([uncond, cond])
-    base_key = jax.random.PRNGKey(seed)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(base_key, image_ids)
+    text = lambda ids: components.encode_text(params["text_encoder"], ids)
+    context = jnp.concatenate([text(jnp.broadcast_to(uncond_ids, prompt_ids.shape)),
+                               text(prompt_ids)])
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), image_ids)
+    noise_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, ANCESTRAL_NOISE_STREAM)
     latents = jax.vmap(lambda k: jax.random.normal(k, latent_shape))(keys)
-    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps,
-                                    shape=latents.shape)
-    latents = latents * state.init_noise_sigma
+    latents = latents * sampler.init_noise_sigma
+
+    def step_one_image(state, guided, latent, key, i):
+      return sampler.step(state, guided, i, latent, jax.random.fold_in(key, i))
 
     def denoise(i, carry):
       latents, state = carry
-      t = state.timesteps[i]
-      model_input = scheduler.scale_model_input(state, jnp.concatenate([latents] * 2), t)
-      timesteps = jnp.broadcast_to(t, model_input.shape[:1])
-      noise_pred = components.unet.apply({"params": params["unet"]}, model_input, timesteps,
-                                         context, train=False).sample
-      uncond_pred, cond_pred = jnp.split(noise_pred, 2)
+      model_input = sampler.scale_model_input(jnp.concatenate([latents] * 2), i)
+      timesteps = jnp.broadcast_to(sampler.timesteps_jnp[i], model_input.shape[:1])
+      prediction = components.predict(params["unet"], model_input, timesteps, context)
+      uncond_pred, cond_pred = jnp.split(prediction, 2)
       guided = uncond_pred + guidance_scale * (cond_pred - uncond_pred)
-      latents, state = scheduler.step(state, guided, t, latents).to_tuple()
-      return latents, state
+      return jax.vmap(step_one_image, (0, 0, 0, 0, None))(state, guided, latents, noise_keys, i)
 
-    latents, _ = jax.lax.fori_loop(0, num_inference_steps, denoise, (latents, state))
-    images = components.vae.apply({"params": params["vae"]}, latents / scaling_factor,
-                                  method=components.vae.decode).sample
+    state = jax.vmap(sampler.init_state)(latents)
+    latents, _ = jax.lax.fori_loop(0, sampler.num_steps, denoise, (latents, state))
+    images = components.decode(params["vae"], latents)
     images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
     return jnp.round(images * 255).astype(jnp.uint8)
 
@@ -87,7 +87,7 @@ def generate(sampler: Callable, params, mesh: jax.sharding.Mesh, prompt_ids: np.
 
 def sample_resolution(components: models.Components, requested: int) -> int:
   """`requested` px (0 = the UNet's native size), checked against the VAE's factor."""
-  resolution = requested or components.unet.config.sample_size * components.vae_scale_factor
+  resolution = requested or components.unet.sample_size * components.vae_scale_factor
   if resolution % components.vae_scale_factor:
     raise models.ModelLoadError(f"--resolution must be a multiple of "
                                 f"{components.vae_scale_factor}, got {resolution}")

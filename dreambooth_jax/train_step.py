@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from dreambooth_jax import models, sharding
+from dreambooth_jax.models import schedulers
 
 PyTree = Any
 
@@ -115,15 +116,6 @@ def combine_losses(mse: jax.Array, instance_mask: jax.Array, prior_mask: jax.Arr
           "instance_loss": instance_loss, "prior_loss": prior_loss}
 
 
-def diffusion_target(scheduler, scheduler_state, prediction_type: str, latents, noise,
-                     timesteps):
-  if prediction_type == "epsilon":
-    return noise
-  if prediction_type == "v_prediction":
-    return scheduler.get_velocity(scheduler_state, latents, noise, timesteps)
-  raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
-
-
 def example_streams(step_key: jax.Array, example_ids: jax.Array) -> tuple[jax.Array, ...]:
   """(example, latent-sample, noise, timestep) keys of each row, from its example id only."""
   example_keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, example_ids)
@@ -143,11 +135,11 @@ def draw_noise(noise_keys: jax.Array, example_keys: jax.Array, shape: tuple[int,
   return noise
 
 
-def snr_weights(alphas_cumprod: jax.Array, timesteps: jax.Array, gamma: float,
-                prediction_type: str) -> jax.Array:
+def snr_weights(schedule: schedulers.NoiseSchedule, timesteps: jax.Array, gamma: float
+                ) -> jax.Array:
   """Min-SNR-γ weight of each example's MSE: min(SNR, γ)/SNR (ε) or min(SNR, γ)/(SNR+1) (v)."""
-  alpha_bar = alphas_cumprod[timesteps].astype(jnp.float32)
-  snr = alpha_bar / (1.0 - alpha_bar)
+  snr = schedulers.snr(schedule, timesteps)
+  prediction_type = schedule.prediction_type
   clipped = jnp.minimum(snr, gamma)
   return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
 
@@ -160,11 +152,11 @@ def make_loss_fn(components: models.Components, prior_loss_weight: float,
   A batch carries pixels or cached latent distributions ("latent_mean", "latent_std"), and
   token ids or cached prompt embeddings ("encoder_hidden_states"); the loss is the same.
   """
-  scheduler = components.noise_scheduler()
-  scheduler_state = scheduler.create_state()
-  num_train_timesteps = scheduler.config.num_train_timesteps
-  scaling_factor = components.vae.config.scaling_factor
-  prediction_type = components.prediction_type
+  schedule = components.noise_schedule()
+  if schedule.prediction_type == "sample":
+    raise ValueError("model.pretrained: training a model that predicts the sample itself "
+                     "(prediction_type=sample) is not supported")
+  num_train_timesteps = schedule.num_train_timesteps
 
   def loss_fn(trained, frozen, batch, step_key, counts=None):
     params = {**frozen, **trained}
@@ -174,17 +166,14 @@ def make_loss_fn(components: models.Components, prior_loss_weight: float,
     if "latent_mean" in batch:
       mean, std = batch["latent_mean"], batch["latent_std"]
     else:
-      latent_dist = components.vae.apply({"params": jax.lax.stop_gradient(params["vae"])},
-                                         batch["pixel_values"], method=components.vae.encode
-                                         ).latent_dist
-      mean = latent_dist.mean.astype(jnp.float32)
-      std = latent_dist.std.astype(jnp.float32)
+      mean, std = components.encode_pixels(jax.lax.stop_gradient(params["vae"]),
+                                           batch["pixel_values"])
     latent_noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(latent_keys)
-    latents = jnp.transpose(mean + std * latent_noise, (0, 3, 1, 2)) * scaling_factor
+    latents = components.latents(mean, std, latent_noise)
 
     noise = draw_noise(noise_keys, example_keys, latents.shape[1:], offset_noise)
     timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_train_timesteps))(time_keys)
-    noisy_latents = scheduler.add_noise(scheduler_state, latents, noise, timesteps)
+    noisy_latents = schedulers.add_noise(schedule, latents, noise, timesteps)
 
     if "encoder_hidden_states" in batch:
       encoder_hidden_states = batch["encoder_hidden_states"]
@@ -192,19 +181,14 @@ def make_loss_fn(components: models.Components, prior_loss_weight: float,
       text_params = params["text_encoder"]
       if "text_encoder" not in trained:
         text_params = jax.lax.stop_gradient(text_params)
-      encoder_hidden_states = components.text_encoder(
-          batch["input_ids"], params=text_params, train=False)[0]
+      encoder_hidden_states = components.encode_text(text_params, batch["input_ids"])
 
-    with models.unet_block_remat(remat):
-      prediction = components.unet.apply(
-          {"params": params["unet"]}, noisy_latents, timesteps, encoder_hidden_states,
-          train=False).sample
-    target = diffusion_target(scheduler, scheduler_state, prediction_type, latents, noise,
-                              timesteps)
+    prediction = components.predict(params["unet"], noisy_latents, timesteps,
+                                    encoder_hidden_states, remat)
+    target = schedulers.training_target(schedule, latents, noise, timesteps)
     mse = per_example_mse(prediction, target)
     if min_snr_gamma:
-      mse = mse * snr_weights(scheduler_state.common.alphas_cumprod, timesteps, min_snr_gamma,
-                              prediction_type)
+      mse = mse * snr_weights(schedule, timesteps, min_snr_gamma)
     metrics = combine_losses(mse, batch["instance_mask"], batch["prior_mask"],
                              prior_loss_weight, counts)
     return metrics["loss"], metrics

@@ -333,11 +333,16 @@ def _family_tokenizer(architecture: str, path: str) -> tokenizers.ClipTokenizer:
       f"(vocab.json, merges.txt) beside it as {os.path.dirname(os.path.abspath(path))}/tokenizer")
 
 
+def configured_attention(model_config) -> str:
+  """model.attention, with the older switch model.memory_efficient_attention=true → chunked."""
+  return "chunked" if model_config.memory_efficient_attention else model_config.attention
+
+
 def load_configured(model_config) -> tuple[Components, dict[str, Any]]:
   """load_pretrained with a config's model.* fields."""
-  attention = "chunked" if model_config.memory_efficient_attention else model_config.attention
   return load_pretrained(model_config.pretrained, model_config.revision or None,
-                         model_config.dtype, attention, model_config.variant or None)
+                         model_config.dtype, configured_attention(model_config),
+                         model_config.variant or None)
 
 
 # --------------------------------------------------------------------------------------------
