@@ -18,7 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.resume_ignore_changes = False
 
   config.model = ml_collections.ConfigDict()
-  # Hub id ("runwayml/stable-diffusion-v1-5"), a local diffusers-layout directory,
+  # Hub id ("runwayml/stable-diffusion-v1-5"), a local diffusers-layout directory, one
+  # .safetensors file in the original Stable Diffusion layout (SD 1.x/2.x; see
+  # single_file_config),
   # "builtin:toyworld" (the toy-world model shipped in the package; the demo's) or
   # "builtin:tiny-sd" (a tiny random pipeline built on first use; tests and benchmarks).
   config.model.pretrained = "builtin:tiny-sd"
@@ -30,6 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Weight-file variant to read ("fp16" reads diffusion_pytorch_model.fp16.safetensors etc.);
   # "" for the full-precision files. Weights are float32 in memory either way.
   config.model.variant = ""
+  # For a single-file model.pretrained (one .safetensors in the original SD layout): a
+  # diffusers folder whose configs and tokenizer describe it (as diffusers' from_single_file
+  # config=); "" = the shipped SD 1.5 / 2.1 architecture of its family, with the CLIP
+  # tokenizer folder beside the file as tokenizer/.
+  config.model.single_file_config = ""
   # Attention implementation: "xla" (jax.nn.dot_product_attention; XLA picks the kernel),
   # "cudnn" (cuDNN flash attention; GPU with bfloat16/float16 only) or "chunked" (our
   # memory-efficient attention in query and key chunks: less memory at high resolution).

@@ -10,7 +10,7 @@ import ml_collections
 
 from configs import common
 from dreambooth_jax import demo_data, identifiers, input_pipeline, models
-from dreambooth_jax.models import schedulers
+from dreambooth_jax.models import attention, schedulers
 
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -72,6 +72,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       _require(isinstance(value, str), field, f"must be a string, got {value!r}")
 
   _require(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+  _require(config.model.attention in attention.ATTENTION_IMPLEMENTATIONS, "model.attention",
+           f"must be one of {attention.ATTENTION_IMPLEMENTATIONS}, got {config.model.attention!r}")
   _require(config.mesh.data >= 0, "mesh.data", f"must be >= 0 (0 = all), got {config.mesh.data}")
   _require(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
   _require(bool(config.model.pretrained), "model.pretrained", "must be set")
@@ -178,8 +180,8 @@ def check_workdir(workdir: str) -> None:
 CHANGEABLE_ON_RESUME = ("resume_ignore_changes", "train.steps", "checkpoint.", "log.", "sample.",
                         "class_images.batch_size", "train.cache_latents",
                         "train.cache_text_embeddings", "train.grad_accum_steps", "train.remat",
-                        "train.prefetch_batches", "model.memory_efficient_attention", "mesh.",
-                        "distributed.")
+                        "train.prefetch_batches", "model.memory_efficient_attention",
+                        "model.attention", "mesh.", "distributed.", "export.")
 
 
 def changed_fields(previous: dict, config: ml_collections.ConfigDict) -> list[str]:

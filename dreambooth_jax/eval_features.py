@@ -6,12 +6,13 @@ arrays; `eval_metrics` turns those into the paper's scores. Preprocessing runs o
 PIL (as the Hugging Face image processors do), the networks run jitted in fixed-size batches
 (a short last batch is padded to a power of two, so a few sizes compile at most).
 
-- `load_dino` (`facebook/dino-vits16`): transformers' FlaxViTModel; PyTorch checkpoints (the
-  form DINO is published in) are converted on load, which needs torch. The embedding
+- `load_dino` (`facebook/dino-vits16`): our Flax ViT (models/vit.py); PyTorch safetensors (the
+  form DINO is published in) are converted on load without torch. The embedding
   is the CLS token of the last hidden state, DINO's own image representation. Images are resized
   to 224×224 (bilinear, the whole image kept) and normalised with the ImageNet mean/std DINO was
   trained with (the hub's preprocessor_config.json says 0.5/0.5, which DINO never used).
-- `load_clip` (`openai/clip-vit-large-patch14`): FlaxCLIPModel and CLIPTokenizer; projected,
+- `load_clip` (`openai/clip-vit-large-patch14`): our Flax CLIP towers (models/clip_vision.py,
+  models/clip_text.py) and CLIP tokenizer; projected,
   L2-normalised image and text embeddings, with CLIP's preprocessing (shorter side to 224,
   bicubic, centre crop, CLIP mean/std) and prompts padded/truncated to 77 tokens.
 - `load_lpips` (Zhang et al. 2018, v0.1): our own Flax LPIPS. Why not a package: `lpips` is
@@ -52,18 +53,17 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
 
-from dreambooth_jax import quiet  # noqa: F401  (must precede transformers)
-
 import flax.linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-from transformers import CLIPTokenizer, FlaxCLIPModel, FlaxViTModel
 
 from dreambooth_jax import eval_metrics, models
-from dreambooth_jax.models import ModelLoadError
+from dreambooth_jax.models import ModelLoadError, clip_text, clip_vision, vit, weights
+from dreambooth_jax.models.pipeline import load_flax_msgpack
+from dreambooth_jax.models.tokenizer import ClipTokenizer
 
 DINO_DEFAULT = "facebook/dino-vits16"
 CLIP_DEFAULT = "openai/clip-vit-large-patch14"
@@ -77,8 +77,8 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
-# Weight files of a transformers checkpoint, in order of preference (Flax needs no conversion).
-_TRANSFORMERS_WEIGHTS = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
+# Weight files of a transformers checkpoint, in order of preference.
+_TRANSFORMERS_WEIGHTS = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin")
 
 Images = Union[np.ndarray, Sequence[np.ndarray]]
 
@@ -199,50 +199,50 @@ def _first_file(directory: str, names: Sequence[str]) -> str | None:
   return None
 
 
-def _require_torch(what: str, path: str) -> None:
-  if importlib.util.find_spec("torch") is None:
-    raise ModelLoadError(f"{what}: {path} is PyTorch; converting it needs torch "
-                         '(pip install -e ".[torch]")')
+def _load_transformers(name_or_dir: str, what: str, model_type: str, revision: str | None,
+                       build: Callable[[dict[str, Any]], tuple[Any, Any]]):
+  """(model, float32 params, directory) of a transformers checkpoint on our modules.
 
-
-def _load_transformers(cls, name_or_dir: str, what: str, model_type: str, revision: str | None,
-                       **model_kwargs):
-  """(model, float32 params, directory) of a transformers Flax model; PyTorch converted on load.
-
-  Flax weights load without the random initialisation transformers does first by default (slow
-  on CPU for CLIP-L), so every parameter must come from the checkpoint; transformers converts
-  PyTorch weights only against an initialised model.
+  build(config) gives our module(s) and the parameter shapes the checkpoint must fill;
+  PyTorch safetensors are converted without torch, `.bin` needs torch, Flax msgpack is read
+  as it is.
   """
   directory = _resolve(name_or_dir, what, [_TRANSFORMERS_WEIGHTS], ["*.json", "*.txt"], revision)
   config_file = os.path.join(directory, "config.json")
   if not os.path.isfile(config_file):
     raise ModelLoadError(f"{what}: {directory} has no config.json")
-  weights = _first_file(directory, _TRANSFORMERS_WEIGHTS)
-  if weights is None:
+  path = _first_file(directory, _TRANSFORMERS_WEIGHTS)
+  if path is None:
     raise ModelLoadError(f"{what}: {directory} has no weights "
                          f"(looked for {', '.join(_TRANSFORMERS_WEIGHTS)})")
   with open(config_file) as f:
-    found_type = json.load(f).get("model_type", model_type)
+    config = json.load(f)
+  found_type = config.get("model_type", model_type)
   if found_type != model_type:
     raise ModelLoadError(f"{what}: {config_file} is a {found_type!r} model, not {model_type!r}")
-  from_pt = not weights.endswith(".msgpack")
-  if from_pt:
-    _require_torch(what, weights)
   try:
-    loaded = cls.from_pretrained(directory, from_pt=from_pt, local_files_only=True,
-                                 dtype=jnp.float32, _do_init=from_pt, **model_kwargs)
-  except ValueError as e:  # e.g. a weight of the wrong shape for the config
-    raise ModelLoadError(f"{what}: cannot load {weights}: {str(e).splitlines()[0]}") from None
-  if from_pt:
-    model, params = loaded, loaded.params
-  else:
-    model, params = loaded
-    missing = model.required_params - set(traverse_util.flatten_dict(params))
-    if missing:
-      raise ModelLoadError(f"{what}: {weights} lacks {len(missing)} weights of the model, e.g. "
-                           f"{'/'.join(sorted(missing)[0])}")
+    model, reference = build(config)
+  except ValueError as e:
+    raise ModelLoadError(f"{what}: {config_file}: {e}") from None
+  try:
+    if path.endswith(".msgpack"):
+      params = load_flax_msgpack(path, reference, unused=_UNUSED_SUBTREES)
+    else:
+      state_dict = {k: v for k, v in weights.load_state_dict(path).items()
+                    if not k.startswith(tuple(f"{name}." for name in _UNUSED_SUBTREES))}
+      params = weights.torch_to_flax(state_dict, reference, path, "plain")
+  except (weights.WeightsError, ModelLoadError) as e:
+    raise ModelLoadError(f"{what}: {str(e).removeprefix('model.pretrained: ')}") from None
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   return model, params, directory
+
+
+# Parts of a checkpoint the embeddings do not use: a ViTModel's pooler (saved by default).
+_UNUSED_SUBTREES = ("pooler",)
+
+
+def _shapes(module: nn.Module, *inputs: jax.ShapeDtypeStruct) -> Any:
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,17 +254,24 @@ class DinoEmbedder:
   Not normalised (the metrics take cosines). Call with uint8 RGB images; returns [N, hidden].
   """
 
-  def __init__(self, model: FlaxViTModel, params: dict[str, Any], batch_size: int = 32):
+  def __init__(self, model: vit.ViTModel, params: dict[str, Any], batch_size: int = 32):
     self.model = model
     self.params = params
-    self.image_size = int(model.config.image_size)
+    self.image_size = int(model.image_size)
     self.batch_size = batch_size
     self._forward = jax.jit(
-        lambda params, pixels: model(pixels, params=params).last_hidden_state[:, 0])
+        lambda params, pixels: model.apply({"params": params}, pixels).last_hidden_state[:, 0])
 
   def __call__(self, images: Images) -> np.ndarray:
     pixels = preprocess_dino(images, self.image_size)
     return _run_batched(lambda x: self._forward(self.params, x), [pixels], self.batch_size)
+
+
+def _build_dino(config: dict[str, Any]):
+  model = vit.vit_from_config(config)
+  pixels = jax.ShapeDtypeStruct((1, model.num_channels, model.image_size, model.image_size),
+                                jnp.float32)
+  return model, _shapes(model, pixels)
 
 
 def load_dino(name_or_dir: str = DINO_DEFAULT, *, revision: str | None = None,
@@ -272,9 +279,9 @@ def load_dino(name_or_dir: str = DINO_DEFAULT, *, revision: str | None = None,
   """DINO ViT (default ViT-S/16) from a hub id or a transformers directory."""
   if name_or_dir == TINY_RANDOM:
     name_or_dir = tiny_random_dirs()["dino"]
-  # No pooler: the embedding is the CLS token itself (DINO was trained without HF's pooler).
-  model, params, _ = _load_transformers(FlaxViTModel, name_or_dir, "DINO model", "vit", revision,
-                                        add_pooling_layer=False)
+  # No pooler: the embedding is the CLS token itself (DINO was trained without HF's pooler);
+  # a checkpoint saved with one loads, its pooler unused.
+  model, params, _ = _load_transformers(name_or_dir, "DINO model", "vit", revision, _build_dino)
   return DinoEmbedder(model, params, batch_size)
 
 
@@ -284,19 +291,23 @@ def load_dino(name_or_dir: str = DINO_DEFAULT, *, revision: str | None = None,
 class ClipEmbedder:
   """CLIP image and text embeddings in the joint space: projected and L2-normalised."""
 
-  def __init__(self, model: FlaxCLIPModel, params: dict[str, Any], tokenizer: CLIPTokenizer,
-               batch_size: int = 32):
-    self.model = model
+  def __init__(self, vision: clip_vision.CLIPVisionModelWithProjection,
+               text: clip_text.CLIPTextModelWithProjection, params: dict[str, Any],
+               tokenizer: ClipTokenizer, batch_size: int = 32):
     self.params = params
     self.tokenizer = tokenizer
-    self.image_size = int(model.config.vision_config.image_size)
-    self.max_length = min(int(tokenizer.model_max_length),
-                          int(model.config.text_config.max_position_embeddings))
+    self.image_size = int(vision.image_size)
+    self.max_length = min(int(tokenizer.model_max_length or text.max_position_embeddings),
+                          int(text.max_position_embeddings))
     self.batch_size = batch_size
-    self._images = jax.jit(
-        lambda params, pixels: _unit(model.get_image_features(pixels, params=params)))
-    self._texts = jax.jit(lambda params, ids, mask: _unit(
-        model.get_text_features(ids, attention_mask=mask, params=params)))
+    vision_params = lambda p: {k: p[k] for k in ("vision_model", "visual_projection")}
+    text_params = lambda p: {k: p[k] for k in ("text_model", "text_projection")}
+    self._images = jax.jit(lambda params, pixels: _unit(
+        vision.apply({"params": vision_params(params)}, pixels).image_embeds))
+    # No padding mask is needed: attention is causal and the embedding is read at the end
+    # token, before any padding.
+    self._texts = jax.jit(lambda params, ids: _unit(
+        text.apply({"params": text_params(params)}, ids).text_embeds))
 
   def embed_images(self, images: Images) -> np.ndarray:
     """[N, projection_dim] unit vectors of uint8 RGB images."""
@@ -309,12 +320,32 @@ class ClipEmbedder:
       prompts = [prompts]
     if not prompts:
       raise ValueError("no prompts given")
-    tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
-                            truncation=True, return_tensors="np")
-    ids = tokens["input_ids"].astype(np.int32)
-    mask = tokens["attention_mask"].astype(np.int32)
-    return _run_batched(lambda i, m: self._texts(self.params, i, m), [ids, mask],
-                        self.batch_size)
+    ids = self.tokenizer.encode(list(prompts), self.max_length)
+    return _run_batched(lambda i: self._texts(self.params, i), [ids], self.batch_size)
+
+
+def _build_clip(config: dict[str, Any]):
+  """Our two CLIP towers from a transformers CLIPConfig dict, and the full model's shapes."""
+  projection_dim = config.get("projection_dim", 512)
+  text_config = dict(config.get("text_config") or {})
+  text_config.update(architectures=["CLIPTextModelWithProjection"],
+                     model_type="clip_text_model", projection_dim=projection_dim)
+  text = clip_text.text_encoder_from_config(
+      {k: v for k, v in text_config.items() if k in _CLIP_TEXT_KEYS})
+  vision = clip_vision.clip_vision_from_config(config)
+  pixels = jax.ShapeDtypeStruct((1, 3, vision.image_size, vision.image_size), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, text.max_position_embeddings), jnp.int32)
+  reference = {**_shapes(vision, pixels), **_shapes(text, ids),
+               "logit_scale": jax.ShapeDtypeStruct((), jnp.float32)}
+  return (vision, text), reference
+
+
+# The text_config keys that shape the network (a saved CLIPConfig's text_config holds many
+# generation defaults besides).
+_CLIP_TEXT_KEYS = ("architectures", "model_type", "vocab_size", "hidden_size",
+                   "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "max_position_embeddings", "hidden_act", "layer_norm_eps", "eos_token_id",
+                   "projection_dim")
 
 
 def load_clip(name_or_dir: str = CLIP_DEFAULT, *, revision: str | None = None,
@@ -323,12 +354,12 @@ def load_clip(name_or_dir: str = CLIP_DEFAULT, *, revision: str | None = None,
   if name_or_dir == TINY_RANDOM:
     name_or_dir = tiny_random_dirs()["clip"]
   what = "CLIP model"
-  model, params, directory = _load_transformers(FlaxCLIPModel, name_or_dir, what, "clip",
-                                                revision)
-  if not os.path.isfile(os.path.join(directory, "vocab.json")):
+  (vision, text), params, directory = _load_transformers(name_or_dir, what, "clip", revision,
+                                                         _build_clip)
+  if not any(os.path.isfile(os.path.join(directory, f)) for f in ("vocab.json", "tokenizer.json")):
     raise ModelLoadError(f"{what}: {directory} has no tokenizer (vocab.json, merges.txt)")
-  tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
-  return ClipEmbedder(model, params, tokenizer, batch_size)
+  tokenizer = ClipTokenizer.from_directory(directory)
+  return ClipEmbedder(vision, text, params, tokenizer, batch_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,24 +651,27 @@ def tiny_random_dirs() -> dict[str, str]:
 def build_tiny_random(dirs: dict[str, str], seed: int = 0) -> None:
   """Saves a tiny ViT, a tiny CLIP (the tiny SD tokenizer) and a narrow LPIPS AlexNet."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from transformers import CLIPConfig, ViTConfig  # pylint: disable=g-import-not-at-top
-  vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=37, image_size=32, patch_size=16)
-  FlaxViTModel(vit, seed=seed, add_pooling_layer=False).save_pretrained(dirs["dino"])
+  vit_config = dict(model_type="vit", architectures=["ViTModel"], hidden_size=32,
+                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                    image_size=32, patch_size=16, num_channels=3, hidden_act="gelu",
+                    layer_norm_eps=1e-12, qkv_bias=True)
+  _, reference = _build_dino(vit_config)
+  _save_random_transformers(dirs["dino"], vit_config, random_params(reference, seed))
 
-  tokenizer = CLIPTokenizer.from_pretrained(os.path.join(
-      models.resolve_pretrained(models.BUILTIN_TINY), "tokenizer"))
-  tokenizer.save_pretrained(dirs["clip"])
+  tokenizer = models.load_tokenizer(models.BUILTIN_TINY)
+  tokenizer.save(dirs["clip"])
   n = len(tokenizer)
-  clip = CLIPConfig(
+  clip_config = dict(
+      model_type="clip", architectures=["CLIPModel"], projection_dim=16,
       text_config=dict(vocab_size=n, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
                        num_attention_heads=4, max_position_embeddings=77,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.eos_token_id),
+                       hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id),
       vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=4, image_size=32, patch_size=8),
-      projection_dim=16)
-  FlaxCLIPModel(clip, seed=seed).save_pretrained(dirs["clip"])
+                         num_attention_heads=4, image_size=32, patch_size=8,
+                         hidden_act="quick_gelu"))
+  _, reference = _build_clip(clip_config)
+  _save_random_transformers(dirs["clip"], clip_config, random_params(reference, seed))
 
   rng = np.random.default_rng(seed)
   backbone, heads, channels, width, tap = {}, {}, 3, 8, 0
@@ -654,3 +688,23 @@ def build_tiny_random(dirs: dict[str, str], seed: int = 0) -> None:
   os.makedirs(dirs["lpips"], exist_ok=True)
   save_file(backbone, os.path.join(dirs["lpips"], "alexnet.safetensors"))
   save_file(heads, os.path.join(dirs["lpips"], "alex.safetensors"))
+
+
+def random_params(reference: Any, seed: int) -> Any:
+  """Random normal(0, 0.02) weights of the reference shapes (LayerNorm scales 1)."""
+  rng = np.random.default_rng(seed)
+  def leaf(path, shape):
+    if path[-1] == "scale":
+      return np.ones(shape.shape, np.float32)
+    return (rng.standard_normal(shape.shape) * 0.02).astype(np.float32)
+  flat = traverse_util.flatten_dict(reference)
+  return traverse_util.unflatten_dict({path: leaf(path, shape) for path, shape in flat.items()})
+
+
+def _save_random_transformers(directory: str, config: dict[str, Any], params: Any) -> None:
+  """A transformers-layout folder: config.json and model.safetensors in PyTorch naming."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  weights.save_safetensors(os.path.join(directory, "model.safetensors"),
+                           weights.flax_to_torch(params, "plain"))

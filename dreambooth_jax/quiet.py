@@ -1,25 +1,12 @@
-"""Silences the deprecation chatter of the last Flax-capable diffusers/transformers.
-
-Imported first by every entry point: diffusers 0.39 and transformers 4.x warn on each Flax class
-use that Flax support is going away; we pin those versions deliberately (see pyproject.toml).
+"""Keeps the command-line programs' output to what matters: orbax's per-save INFO lines and
+jax's platform probing messages are dropped. Imported first by every entry point.
 """
 
 import logging
 import os
-import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-warnings.filterwarnings("ignore", message=".*Flax.*")
-warnings.filterwarnings("ignore", message=".*flax.*")
-
-for _name in ("diffusers", "transformers", "jax._src.xla_bridge"):
-  logging.getLogger(_name).setLevel(logging.ERROR)
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 
 
 def _drop_orbax_info(record) -> bool:

@@ -21,10 +21,20 @@ from dreambooth_jax import atomic_files, input_pipeline, models, sharding
 ANCESTRAL_NOISE_STREAM = 1  # folded into an image's key for the noise of ancestral steps
 
 
+def image_keys(seed: int | jax.Array, image_ids: jax.Array) -> jax.Array:
+  return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), image_ids)
+
+
+def initial_noise(keys: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
+  """Each image's N(0, I) starting latents [N, C, h, w] (before init_noise_sigma)."""
+  return jax.vmap(lambda k: jax.random.normal(k, latent_shape))(keys)
+
+
 def make_sampler(components: models.Components, mesh: jax.sharding.Mesh, resolution: int,
                  scheduler_name: str = "ddim", num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5) -> Callable:
-  """sample(params, prompt_ids[N, L], image_ids[N], seed) → uint8 images [N, H, W, 3].
+                 guidance_scale: float = 7.5, as_uint8: bool = True) -> Callable:
+  """sample(params, prompt_ids[N, L], image_ids[N], seed) → uint8 images [N, H, W, 3]
+  (float32 in [0, 1] unless as_uint8).
 
   N must be a multiple of the mesh size (see `generate`, which pads). Every random draw of
   image k (its starting noise, and the noise of ancestral steps) is keyed by k alone.
@@ -38,10 +48,9 @@ def make_sampler(components: models.Components, mesh: jax.sharding.Mesh, resolut
     text = lambda ids: components.encode_text(params["text_encoder"], ids)
     context = jnp.concatenate([text(jnp.broadcast_to(uncond_ids, prompt_ids.shape)),
                                text(prompt_ids)])
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), image_ids)
+    keys = image_keys(seed, image_ids)
     noise_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, ANCESTRAL_NOISE_STREAM)
-    latents = jax.vmap(lambda k: jax.random.normal(k, latent_shape))(keys)
-    latents = latents * sampler.init_noise_sigma
+    latents = initial_noise(keys, latent_shape) * sampler.init_noise_sigma
 
     def step_one_image(state, guided, latent, key, i):
       return sampler.step(state, guided, i, latent, jax.random.fold_in(key, i))
@@ -59,7 +68,7 @@ def make_sampler(components: models.Components, mesh: jax.sharding.Mesh, resolut
     latents, _ = jax.lax.fori_loop(0, sampler.num_steps, denoise, (latents, state))
     images = components.decode(params["vae"], latents)
     images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-    return jnp.round(images * 255).astype(jnp.uint8)
+    return jnp.round(images * 255).astype(jnp.uint8) if as_uint8 else images
 
   batch = sharding.data_sharded(mesh)
   # The params keep their own layout: replicated, or split along fsdp while training.

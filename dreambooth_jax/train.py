@@ -178,8 +178,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
     trained_params = {**frozen, **state.params}
     export_dir = os.path.join(workdir, "export")
-    models.export_pipeline(components, trained_params, export_dir)
-    logging.info("Exported the fine-tuned pipeline to %s", export_dir)
+    single_file = os.path.join(workdir, "export.safetensors") if config.export.single_file else None
+    models.export_pipeline(components, trained_params, export_dir, config.export.fp16_variant,
+                           single_file)
+    logging.info("Exported the fine-tuned pipeline to %s%s", export_dir,
+                 f" and {single_file}" if single_file else "")
     if config.sample.prompts:
       grid = sampling.write_samples(
           components, trained_params, mesh,

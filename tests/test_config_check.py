@@ -210,7 +210,7 @@ def test_check_workdir_new_or_existing_dir_is_fine_and_not_created(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The CLI (two subprocesses: each pays the jax/diffusers imports)
+# The CLI (two subprocesses: each pays the jax imports)
 
 
 def _run_cli(workdir, *flags):

@@ -24,8 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-from dreambooth_jax import (checkpoints, config_check, faults, input_pipeline, preemption, train,
-                            train_step, workdir_lock)
+from dreambooth_jax import (checkpoints, config_check, faults, input_pipeline, models, preemption,
+                            train, train_step, workdir_lock)
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,9 +204,7 @@ def test_kill_during_export_is_rewritten_by_the_next_run(timeline, straight_run)
   assert final["returncode"] == 0, final["stderr"][-3000:]
   assert "export" in final["workdir"] and "export.tmp" not in final["workdir"]
   assert "lock" not in final["workdir"] or os.path.getsize(os.path.join(workdir, "lock")) == 0
-  from diffusers import FlaxStableDiffusionPipeline  # pylint: disable=g-import-not-at-top
-  _, params = FlaxStableDiffusionPipeline.from_pretrained(
-      os.path.join(workdir, "export"), safety_checker=None, feature_extractor=None)
+  _, params = models.load_pretrained(os.path.join(workdir, "export"))
   jax.tree.map(np.testing.assert_array_equal, params["unet"], straight_run[1].params["unet"])
 
 

@@ -49,10 +49,10 @@ def test_cached_batches_carry_latents_and_embeddings_instead_of_pixels_and_ids(
                         "prior_mask", "example_id"}
   # 3 instance and 5 class images, each encoded unflipped and flipped (data.random_flip).
   latent = 32 // components.vae_scale_factor
-  channels = components.vae.config.latent_channels
+  channels = components.vae.latent_channels
   assert cached.instance_latents.mean.shape == (3, 2, latent, latent, channels)
   assert cached.class_latents.std.shape == (5, 2, latent, latent, channels)
-  assert cached.prompt_embeddings.shape == (2, 77, components.text_encoder.config.hidden_size)
+  assert cached.prompt_embeddings.shape == (2, 77, components.text_encoder.hidden_size)
   assert batch["latent_mean"].shape == (8, latent, latent, channels)  # padded to 8 devices
   for name in ("instance_mask", "prior_mask", "example_id"):
     np.testing.assert_array_equal(batch[name], plain_batch[name])

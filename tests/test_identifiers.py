@@ -1,10 +1,9 @@
-"""Rare-token identifiers and prompt placeholders, with the tiny pipeline's real CLIPTokenizer."""
+"""Rare-token identifiers and prompt placeholders, with the tiny pipeline's CLIP tokenizer."""
 
 import subprocess
 import sys
 
 import pytest
-from transformers import CLIPTokenizer
 
 from configs import common
 from dreambooth_jax import config_check, identifiers, models
@@ -12,7 +11,7 @@ from dreambooth_jax import config_check, identifiers, models
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_dir):
-  return CLIPTokenizer.from_pretrained(f"{tiny_dir}/tokenizer")
+  return models.ClipTokenizer.from_directory(f"{tiny_dir}/tokenizer")
 
 
 def test_ranking_keeps_rare_short_whole_words_rarest_first(tokenizer):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_jax import input_pipeline
+from dreambooth_jax import input_pipeline, models
 from dreambooth_jax.input_pipeline import DataError, DreamBoothData
 
 
@@ -286,8 +286,7 @@ def test_to_model_range():
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_dir):
-  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-  return CLIPTokenizer.from_pretrained(os.path.join(tiny_dir, "tokenizer"))
+  return models.ClipTokenizer.from_directory(os.path.join(tiny_dir, "tokenizer"))
 
 
 def test_tokenize(tokenizer):

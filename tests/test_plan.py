@@ -20,8 +20,8 @@ def test_plan_of_the_tiny_model_counts_what_is_on_each_device(small_config, tiny
   # prompt embeddings are cached, so neither the VAE nor the text encoder is an argument. The
   # batch is split over the 8 devices: 1 row each (latent mean and std, the prompt embedding,
   # 2 masks and the example id).
-  latent = (32 // components.vae_scale_factor) ** 2 * components.vae.config.latent_channels
-  row = 4 * (2 * latent + 77 * components.text_encoder.config.hidden_size + 3)
+  latent = (32 // components.vae_scale_factor) ** 2 * components.vae.latent_channels
+  row = 4 * (2 * latent + 77 * components.text_encoder.hidden_size + 3)
   argument_bytes = figures["argument_gib_per_device"] * 2**30
   assert argument_bytes == pytest.approx(4 * 3 * count(params["unet"]) + row, rel=1e-3)
   assert figures["donated_gib_per_device"] > 0  # the state's buffers are reused

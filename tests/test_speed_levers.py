@@ -145,9 +145,9 @@ def test_remat_recomputes_the_same_gradient(tiny, plain_loss_and_grads):
 
 
 def test_memory_efficient_attention_computes_the_same_loss(tiny_dir, tiny, plain_loss_and_grads):
-  components, params = models.load_pretrained(tiny_dir, memory_efficient_attention=True)
-  assert components.unet.use_memory_efficient_attention
-  assert not tiny[0].unet.use_memory_efficient_attention
+  components, params = models.load_pretrained(tiny_dir, attention="chunked")
+  assert components.unet.attention_implementation == "chunked"
+  assert tiny[0].unet.attention_implementation == "xla"
   loss, grads = _loss_and_grads(components, params)
   plain_loss, plain_grads = plain_loss_and_grads
   np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)

@@ -68,7 +68,7 @@ def test_test_sized_pretraining_writes_a_loadable_pipeline(tmp_path):
     assert 0.0 <= quality[name] <= 1.0
   components, params = models.load_pretrained(out_dir)
   assert components.vae_scale_factor == 4
-  assert components.vae.config.scaling_factor == pytest.approx(
+  assert components.vae.scaling_factor == pytest.approx(
       quality["training"]["autoencoder"]["scaling_factor"], rel=1e-4)
   assert components.tokenizer.model_max_length == pretrain.MAX_LENGTH
   images = pretrain.sample_prompts(components, params, ["a red ball on grass"], 2, seed=0,

@@ -1,5 +1,7 @@
 """The combined DreamBooth loss: exact, independent of device count and row placement."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from configs import common
 from dreambooth_jax import input_pipeline, sharding, train_step
+from dreambooth_jax.models import schedulers
 
 LAMBDA = 0.5
 
@@ -119,20 +122,18 @@ def test_same_loss_and_update_on_1_2_4_8_devices(setup):
 
 def test_v_prediction_target_is_the_velocity(tiny):
   components, _ = tiny
-  scheduler = components.noise_scheduler()
-  state = scheduler.create_state()
+  schedule = dataclasses.replace(components.noise_schedule(), prediction_type="v_prediction")
   rng = np.random.default_rng(0)
   latents = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
   noise = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
   timesteps = np.asarray([10, 900])
-  alphas_cumprod = np.asarray(state.common.alphas_cumprod, np.float64)[timesteps]
+  alphas_cumprod = np.asarray(schedule.alphas_cumprod, np.float64)[timesteps]
   expected = (np.sqrt(alphas_cumprod)[:, None, None, None] * noise -
               np.sqrt(1 - alphas_cumprod)[:, None, None, None] * latents)
-  target = train_step.diffusion_target(scheduler, state, "v_prediction", latents, noise,
-                                       timesteps)
+  target = schedulers.training_target(schedule, latents, noise, timesteps)
   np.testing.assert_allclose(target, expected, rtol=1e-5, atol=1e-6)
-  assert train_step.diffusion_target(scheduler, state, "epsilon", latents, noise,
-                                     timesteps) is noise
+  epsilon = dataclasses.replace(schedule, prediction_type="epsilon")
+  assert schedulers.training_target(epsilon, latents, noise, timesteps) is noise
 
 
 def test_lr_schedule_warmup_then_linear_decay():
@@ -214,12 +215,12 @@ def _numpy_alphas_cumprod(scheduler_config):
 def test_min_snr_weights_match_numpy(tiny, prediction_type):
   components, _ = tiny
   alphas_cumprod = _numpy_alphas_cumprod(components.scheduler_config)
-  state = components.noise_scheduler().create_state()
+  schedule = dataclasses.replace(components.noise_schedule(), prediction_type=prediction_type)
   timesteps = np.asarray([0, 10, 100, 500, 999])
   snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
   gamma = 5.0
   expected = np.minimum(snr, gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
-  weights = train_step.snr_weights(state.common.alphas_cumprod, timesteps, gamma, prediction_type)
+  weights = train_step.snr_weights(schedule, timesteps, gamma)
   np.testing.assert_allclose(weights, expected, rtol=1e-4)
   assert expected[0] < 1 and expected[-1] == pytest.approx(
       1.0 if prediction_type == "epsilon" else snr[-1] / (snr[-1] + 1))

@@ -30,7 +30,6 @@ from dreambooth_jax.models import (clip_text, schedulers, single_file, tokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("unet", "vae", "text_encoder")
-ARCHITECTURES_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "architectures")
 
 _FLAX_FILES = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
                "text_encoder": "flax_model.msgpack"}
@@ -230,20 +229,21 @@ def read_configs(directory: str) -> dict[str, dict[str, Any]]:
 
 def architecture_configs(name: str) -> dict[str, dict[str, Any]]:
   """{unet, vae, text_encoder, scheduler} configs of a shipped architecture (sd15, sd21)."""
-  path = os.path.join(ARCHITECTURES_DIR, f"{name}.json")
-  if not os.path.isfile(path):
-    shipped = sorted(f[:-5] for f in os.listdir(ARCHITECTURES_DIR) if f.endswith(".json"))
-    raise ModelLoadError(f"unknown architecture {name!r}; shipped: {', '.join(shipped)}")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    return single_file.shipped_architecture(name)
+  except ValueError as e:
+    raise ModelLoadError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------
 # Loading.
 
-def _load_flax_msgpack(path: str, reference: Any) -> Any:
+def load_flax_msgpack(path: str, reference: Any, unused: tuple[str, ...] = ()) -> Any:
+  """A Flax msgpack checkpoint, checked against the reference shapes (top-level subtrees
+  named in `unused` are dropped)."""
   with open(path, "rb") as f:
     params = flax.serialization.msgpack_restore(f.read())
+  params = {k: v for k, v in params.items() if k not in unused}
   expected = traverse_util.flatten_dict(reference)
   found = traverse_util.flatten_dict(params)
   for key, shape in expected.items():
@@ -268,7 +268,7 @@ def load_component_params(directory: str, component: str, reference: Any,
   """float32 numpy params of one component, from whichever weight file the folder has."""
   path = _component_weights(directory, component, variant)
   if path.endswith(".msgpack"):
-    return _to_float32(_load_flax_msgpack(path, reference))
+    return _to_float32(load_flax_msgpack(path, reference))
   try:
     return weights.torch_to_flax(weights.load_state_dict(path), reference, path, component)
   except weights.WeightsError as e:
@@ -276,13 +276,15 @@ def load_component_params(directory: str, component: str, reference: Any,
 
 
 def load_pretrained(pretrained: str, revision: str | None = None, dtype: str = "float32",
-                    attention: str = "xla", variant: str | None = None
+                    attention: str = "xla", variant: str | None = None,
+                    single_file_config: str | None = None
                     ) -> tuple[Components, dict[str, Any]]:
   """Returns our modules and float32 params {'unet', 'vae', 'text_encoder'} of a builtin name,
-  a local diffusers folder, a hub id or a single-file checkpoint."""
+  a local diffusers folder, a hub id or a single-file checkpoint (whose architecture is the
+  shipped one of its family, or that of the diffusers folder `single_file_config`)."""
   from dreambooth_jax.models import builtin  # pylint: disable=g-import-not-at-top
   if is_single_file(pretrained):
-    return load_single_file(pretrained, dtype, attention)
+    return load_single_file(pretrained, dtype, attention, single_file_config)
   directory = builtin.resolve_pretrained(pretrained, revision, variant)
   check_pipeline_dir(directory, variant)
   try:
@@ -296,20 +298,25 @@ def load_pretrained(pretrained: str, revision: str | None = None, dtype: str = "
   return components, params
 
 
-def load_single_file(path: str, dtype: str = "float32", attention: str = "xla"
-                     ) -> tuple[Components, dict[str, Any]]:
-  """A single-file SD 1.x / 2.x checkpoint, with the shipped architecture of its family and
-  the tokenizer the family uses (CLIP's, from the shipped architecture folder)."""
+def load_single_file(path: str, dtype: str = "float32", attention: str = "xla",
+                     config_dir: str | None = None) -> tuple[Components, dict[str, Any]]:
+  """A single-file SD 1.x / 2.x checkpoint: with the configs and tokenizer of the diffusers
+  folder `config_dir` (as diffusers' from_single_file(config=...)), else with the shipped
+  architecture of its family and a CLIP tokenizer folder beside the file."""
+  configs = read_configs(config_dir) if config_dir else None
   try:
-    family, state_dicts = single_file.read_single_file(path)
+    family, state_dicts = single_file.read_single_file(
+        path, {k: v for k, v in configs.items() if k != "scheduler"} if configs else None)
   except (ValueError, OSError) as e:
     raise ModelLoadError(f"model.pretrained: {path}: {e}") from None
   if family == "sdxl":
     raise ModelLoadError(f"model.pretrained: {path} is an SDXL checkpoint; SDXL training is not "
                          "supported yet (SD 1.x and 2.x single files are)")
-  architecture = {"sd1": "sd15", "sd2": "sd21"}[family]
-  configs = architecture_configs(architecture)
-  tokenizer = _family_tokenizer(architecture, path)
+  if config_dir:
+    tokenizer = tokenizers.ClipTokenizer.from_directory(os.path.join(config_dir, "tokenizer"))
+  else:
+    configs = architecture_configs(single_file.FAMILY_ARCHITECTURES[family])
+    tokenizer = _family_tokenizer(path)
   components = build_components(configs, tokenizer, dtype, attention, where=path)
   references = components.abstract_params()
   params = {}
@@ -321,13 +328,12 @@ def load_single_file(path: str, dtype: str = "float32", attention: str = "xla"
   return components, params
 
 
-def _family_tokenizer(architecture: str, path: str) -> tokenizers.ClipTokenizer:
-  """CLIP's BPE tokenizer for a single file (which holds no tokenizer): a `tokenizer/` folder
-  beside the file, else the one in the shipped architectures folder, else an error."""
-  for candidate in (os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer"),
-                    os.path.join(ARCHITECTURES_DIR, f"{architecture}_tokenizer")):
-    if os.path.isdir(candidate):
-      return tokenizers.ClipTokenizer.from_directory(candidate)
+def _family_tokenizer(path: str) -> tokenizers.ClipTokenizer:
+  """CLIP's BPE tokenizer for a single file (which holds none): a `tokenizer/` folder beside
+  the file."""
+  candidate = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+  if os.path.isdir(candidate):
+    return tokenizers.ClipTokenizer.from_directory(candidate)
   raise ModelLoadError(
       f"model.pretrained: {path} holds no tokenizer; put the model's CLIP tokenizer folder "
       f"(vocab.json, merges.txt) beside it as {os.path.dirname(os.path.abspath(path))}/tokenizer")
@@ -342,7 +348,8 @@ def load_configured(model_config) -> tuple[Components, dict[str, Any]]:
   """load_pretrained with a config's model.* fields."""
   return load_pretrained(model_config.pretrained, model_config.revision or None,
                          model_config.dtype, configured_attention(model_config),
-                         model_config.variant or None)
+                         model_config.variant or None,
+                         model_config.single_file_config or None)
 
 
 # --------------------------------------------------------------------------------------------

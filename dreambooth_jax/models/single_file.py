@@ -24,8 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import safetensors
-import safetensors.numpy
+
+from dreambooth_jax.models import weights
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -37,7 +37,7 @@ _CLIP_L_PREFIX = {"sd1": "cond_stage_model.transformer.",
                   "sdxl": "conditioner.embedders.0.transformer."}
 _OPEN_CLIP_PREFIX = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
 _TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
-_ARCHITECTURE_FILES = {"sd1": "sd15.json", "sd2": "sd21.json"}
+ARCHITECTURES_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "architectures")
 
 _SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 _SUPPORTED_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -491,13 +491,24 @@ def from_diffusers(components: Mapping[str, Mapping[str, np.ndarray]], family: s
 # Files.
 
 
+# Each family's shipped full-size architecture (dreambooth_jax/architectures/<name>.json).
+FAMILY_ARCHITECTURES = {"sd1": "sd15", "sd2": "sd21"}
+
+
 def architecture_configs(family: str) -> dict[str, dict[str, Any]]:
   """The full-size configs the project ships for a family (dreambooth_jax/architectures)."""
-  if family not in _ARCHITECTURE_FILES:
+  if family not in FAMILY_ARCHITECTURES:
     raise ValueError(f"no shipped architecture for {family!r}: pass the unet, vae and text "
                      "encoder configs explicitly")
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "architectures",
-                      _ARCHITECTURE_FILES[family])
+  return shipped_architecture(FAMILY_ARCHITECTURES[family])
+
+
+def shipped_architecture(name: str) -> dict[str, dict[str, Any]]:
+  """{unet, vae, text_encoder, scheduler} configs of a shipped architecture (sd15, sd21)."""
+  path = os.path.join(ARCHITECTURES_DIR, f"{name}.json")
+  if not os.path.isfile(path):
+    shipped = sorted(f[:-5] for f in os.listdir(ARCHITECTURES_DIR) if f.endswith(".json"))
+    raise ValueError(f"unknown architecture {name!r}; shipped: {', '.join(shipped)}")
   with open(path) as f:
     return json.load(f)
 
@@ -510,37 +521,7 @@ def _text_configs(configs: Mapping[str, Any], family: str) -> list[Mapping[str, 
   return [configs[n] for n in names]
 
 
-def _safetensors_header(path: str) -> tuple[dict[str, Any], int]:
-  """The JSON header of a .safetensors file and the offset where its tensor data starts."""
-  with open(path, "rb") as f:
-    size = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(size))
-  return header, 8 + size
-
-
-def load_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a .safetensors file; floating point ones (fp16, bf16, ...) as float32.
-
-  bfloat16 has no numpy dtype, so those tensors are read from the file's bytes: a bf16 value is
-  the upper half of the float32 with the same bits.
-  """
-  header, data_start = _safetensors_header(path)
-  bf16 = {k: v for k, v in header.items() if k != "__metadata__" and v["dtype"] == "BF16"}
-  state = {}
-  with safetensors.safe_open(path, framework="numpy") as f:
-    for key in f.keys():
-      if key in bf16:
-        continue
-      value = f.get_tensor(key)
-      state[key] = value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
-  if bf16:
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    for key, entry in bf16.items():
-      begin, end = entry["data_offsets"]
-      halves = np.frombuffer(raw[data_start + begin:data_start + end], dtype="<u2")
-      state[key] = (halves.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
-    del raw
-  return state
+load_safetensors = weights.load_safetensors  # fp16/bf16 read as float32
 
 
 def read_single_file(path: str, configs: Mapping[str, Mapping[str, Any]] | None = None
@@ -568,12 +549,4 @@ def write_single_file(path: str, components: Mapping[str, Mapping[str, np.ndarra
     raise ValueError(f"dtype must be 'float16' or 'float32', not {dtype!r}")
   state = from_diffusers(components, family, configs["unet"], configs["vae"],
                          _text_configs(configs, family))
-  tensors = {k: np.ascontiguousarray(v, dtype=dtype if np.issubdtype(v.dtype, np.floating)
-                                     else v.dtype) for k, v in state.items()}
-  tmp_path = f"{path}.tmp{os.getpid()}"
-  try:
-    safetensors.numpy.save_file(tensors, tmp_path, metadata={"format": "pt"})
-    os.replace(tmp_path, path)
-  finally:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
+  weights.save_safetensors(path, state, dtype)

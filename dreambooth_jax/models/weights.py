@@ -50,11 +50,12 @@ _RENAMED = {
         "proj_attn": ("to_out.0", "proj_attn"),
     },
     "text_encoder": {},
+    "plain": {},  # a transformers model with no renamed modules (the evaluation networks)
 }
 # Flax names ending in `_N` that are not entries of a PyTorch ModuleList but attribute names
 # in both frameworks (diffusers' TimestepEmbedding, also SDXL's add_embedding).
 _KEPT = {"unet": frozenset({"linear_1", "linear_2"}), "vae": frozenset(),
-         "text_encoder": frozenset()}
+         "text_encoder": frozenset(), "plain": frozenset()}
 # Buffers that some PyTorch files carry and Flax computes instead (transformers' CLIP
 # position ids, saved by releases before they became non-persistent).
 _IGNORED_SUFFIXES = (".position_ids",)
@@ -74,7 +75,7 @@ class WeightsError(ValueError):
 
 
 def _check_component(component: str) -> None:
-  if component not in COMPONENTS:
+  if component not in _RENAMED:
     raise ValueError(f"unknown component {component!r}; choose one of {', '.join(COMPONENTS)}")
 
 
@@ -88,8 +89,6 @@ def _torch_names(flax_path: tuple[str, ...], component: str | None) -> list[str]
   renamed = {k: v for c in components for k, v in _RENAMED[c].items()}
   kept = frozenset().union(*(_KEPT[c] for c in components))
   *modules, leaf = flax_path
-  if leaf not in _FLAX_TO_TORCH_LEAF:
-    raise ValueError(f"Flax parameter {'/'.join(flax_path)}: unknown leaf kind {leaf!r}")
   spellings = []
   for name in modules:
     if name in renamed:
@@ -98,7 +97,8 @@ def _torch_names(flax_path: tuple[str, ...], component: str | None) -> list[str]
       spellings.append((f"{match[1]}.{match[2]}",))
     else:
       spellings.append((name,))  # includes transformers' "0", "1" layer names
-  return [".".join(parts + (_FLAX_TO_TORCH_LEAF[leaf],))
+  # A raw parameter (ViT's cls_token, CLIP's class_embedding) keeps its own name.
+  return [".".join(parts + (_FLAX_TO_TORCH_LEAF.get(leaf, leaf),))
           for parts in itertools.product(*spellings)]
 
 
@@ -173,7 +173,8 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], reference: Any, what: st
 
 
 def flax_to_torch(params: Any, component: str) -> dict[str, np.ndarray]:
-  """The PyTorch state dict (today's diffusers / transformers names) of a Flax tree."""
+  """The PyTorch state dict (today's diffusers / transformers names) of a Flax tree
+  (component "plain": a transformers model with no renamed modules, e.g. the eval networks)."""
   _check_component(component)
   state_dict = {}
   for flax_path, value in traverse_util.flatten_dict(params).items():

@@ -26,7 +26,7 @@ Writes results.json, table.md and a sample grid per variant (first seed) into --
 
 from __future__ import annotations
 
-from dreambooth_jax import quiet  # noqa: F401  (must precede diffusers/transformers)
+from dreambooth_jax import quiet  # noqa: F401  pylint: disable=unused-import
 
 import dataclasses
 import json

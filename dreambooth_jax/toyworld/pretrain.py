@@ -2,8 +2,8 @@
 
 Why: DreamBooth fine-tunes a model that already knows its world: "a ball", "on the beach".
 A random-init pipeline cannot show recontextualisation or prior preservation; this one, with
-the same diffusers Flax classes as Stable Diffusion (FlaxAutoencoderKL, FlaxUNet2DConditionModel,
-FlaxCLIPTextModel + CLIPTokenizer, a DDPM/DDIM schedule), draws 32x32 pictures that follow
+the same networks as Stable Diffusion (our AutoencoderKL, UNet2DConditionModel and CLIP text
+encoder with a CLIP BPE tokenizer, a DDPM/DDIM schedule), draws 32x32 pictures that follow
 their captions' class, colour and scene. Its weights are committed (`pretrained/`), so the
 DreamBooth demo needs no pretraining.
 
@@ -28,8 +28,6 @@ go to quality.json in the pipeline directory, written with the pipeline, atomica
 
 from __future__ import annotations
 
-from dreambooth_jax import quiet  # noqa: F401  (must precede diffusers/transformers)
-
 import dataclasses
 import functools
 import json
@@ -44,14 +42,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
 from configs import common
 from dreambooth_jax import (atomic_files, input_pipeline, models, sampling, sharding,
                             train_step)
 from dreambooth_jax import toyworld
+from dreambooth_jax.models import builtin, pipeline
+from dreambooth_jax.models import vae as vae_lib
+from dreambooth_jax.models.tokenizer import ClipTokenizer
 from dreambooth_jax.toyworld import judges as judges_lib
 from dreambooth_jax.toyworld import world
 
@@ -69,7 +68,7 @@ EMPTY_CAPTION_PROB = 0.1
 CAPTION_DROP_PROB = 0.25  # as world.sample_example: size, colour, scene each left out
 
 # The autoencoder: 3 blocks, so a factor of 4 (32x32x3 -> 8x8x4). latent_channels must differ
-# from the latent side, 8: diffusers' decode tells NCHW from NHWC by the last axis.
+# from the latent side, 8: the VAE's decode tells NCHW from NHWC by the last axis.
 VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                   up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64),
                   latent_channels=4, layers_per_block=1, norm_num_groups=16,
@@ -84,7 +83,7 @@ UNET_CONFIG = dict(sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4,
                    cross_attention_dim=64)
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
                    num_attention_heads=4)
-SCHEDULER_CONFIG = dict(models.TINY_SCHEDULER)  # SD's scaled-linear betas, ε-prediction
+SCHEDULER_CONFIG = dict(builtin.TINY_SCHEDULER)  # SD's scaled-linear betas, ε-prediction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +133,7 @@ def tokenizer_words() -> tuple[str, ...]:
   return tuple(words) + RARE_TOKENS
 
 
-def build_tokenizer() -> CLIPTokenizer:
+def build_tokenizer() -> ClipTokenizer:
   """The world tokenizer; fails if a word of `tokenizer_words` would not be one token."""
   tokenizer = models.build_word_tokenizer(tokenizer_words(), MAX_LENGTH)
   split = [w for w in tokenizer_words() if len(tokenizer.tokenize(w)) != 1]
@@ -143,24 +142,26 @@ def build_tokenizer() -> CLIPTokenizer:
   return tokenizer
 
 
-def text_config(vocab_size: int, arch: Architecture) -> CLIPTextConfig:
-  return CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=MAX_LENGTH,
-                        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                        pad_token_id=vocab_size - 1, **arch.text)
+def text_config(vocab_size: int, arch: Architecture) -> dict[str, Any]:
+  return dict(architectures=["CLIPTextModel"], model_type="clip_text_model",
+              vocab_size=vocab_size, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
+              bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+              pad_token_id=vocab_size - 1, **arch.text)
 
 
-def build_components(tokenizer: CLIPTokenizer, arch: Architecture, seed: int,
+def component_configs(tokenizer: ClipTokenizer, arch: Architecture,
+                      scaling_factor: float = 1.0) -> dict[str, dict[str, Any]]:
+  return {"unet": dict(arch.unet), "vae": dict(arch.vae, scaling_factor=scaling_factor),
+          "text_encoder": text_config(len(tokenizer), arch),
+          "scheduler": dict(SCHEDULER_CONFIG)}
+
+
+def build_components(tokenizer: ClipTokenizer, arch: Architecture, seed: int,
                      scaling_factor: float = 1.0) -> tuple[models.Components, dict[str, Any]]:
   """Random-init components and their params, deterministic from `seed`."""
-  unet_key, vae_key = jax.random.split(jax.random.key(seed))
-  vae = FlaxAutoencoderKL(**arch.vae, scaling_factor=scaling_factor)
-  unet = FlaxUNet2DConditionModel(**arch.unet)
-  text_encoder = FlaxCLIPTextModel(text_config(len(tokenizer), arch), seed=seed)
-  components = models.Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                 unet=unet, scheduler_config=dict(SCHEDULER_CONFIG))
-  params = {"unet": unet.init_weights(unet_key), "vae": vae.init_weights(vae_key),
-            "text_encoder": text_encoder.params}
-  return components, jax.tree.map(jnp.asarray, params)
+  components = pipeline.build_components(component_configs(tokenizer, arch, scaling_factor),
+                                         tokenizer)
+  return components, components.init_params(seed)
 
 
 def parameter_count(tree: Any) -> int:
@@ -242,7 +243,7 @@ def caption_index(key: jax.Array, classes, colours, scenes, sizes, counts) -> ja
   return jnp.where(empty, int(np.prod(_CAPTION_AXES)), index)
 
 
-def token_table(tokenizer: CLIPTokenizer) -> np.ndarray:
+def token_table(tokenizer: ClipTokenizer) -> np.ndarray:
   """int32 [len(all_captions()), MAX_LENGTH] token ids of every caption."""
   return np.stack([input_pipeline.tokenize(tokenizer, c) for c in all_captions()])
 
@@ -255,7 +256,7 @@ def _to_pixels(images: jax.Array) -> jax.Array:
   return jnp.transpose(images.astype(jnp.float32) / 127.5 - 1.0, (0, 3, 1, 2))
 
 
-def train_vae(vae: FlaxAutoencoderKL, params: Any, images: np.ndarray, settings: Settings,
+def train_vae(vae: vae_lib.AutoencoderKL, params: Any, images: np.ndarray, settings: Settings,
               deadline: float) -> tuple[Any, dict[str, float]]:
   """L1 reconstruction of a posterior sample + kl_weight x the mean KL per latent element."""
   s = settings
@@ -266,11 +267,14 @@ def train_vae(vae: FlaxAutoencoderKL, params: Any, images: np.ndarray, settings:
   data = jnp.asarray(images)
 
   def loss_fn(params, x, key):
-    dist = vae.apply({"params": params}, x, method=vae.encode).latent_dist
-    z = dist.sample(key)
-    recon = vae.apply({"params": params}, z, method=vae.decode).sample
+    mean, std = vae.apply({"params": params}, x, method=vae.encode)
+    z = mean + std * jax.random.normal(key, mean.shape)
+    recon = vae.apply({"params": params}, z, method=vae.decode)
     l1 = jnp.mean(jnp.abs(recon - x))
-    kl = jnp.mean(dist.kl()) / np.prod(z.shape[1:])
+    # KL(N(mean, std²) || N(0, 1)) summed over a latent, then averaged per element.
+    kl_per_latent = 0.5 * jnp.sum(jnp.square(mean) + jnp.square(std) - 1.0
+                                  - 2.0 * jnp.log(std), axis=(1, 2, 3))
+    kl = jnp.mean(kl_per_latent) / np.prod(z.shape[1:])
     return l1 + s.kl_weight * kl, {"l1": l1, "kl": kl}
 
   @jax.jit
@@ -296,13 +300,12 @@ def train_vae(vae: FlaxAutoencoderKL, params: Any, images: np.ndarray, settings:
   return params, {"steps": done, **{k: float(v) for k, v in metrics.items()}}
 
 
-def encode_latents(vae: FlaxAutoencoderKL, params: Any, images: np.ndarray,
+def encode_latents(vae: vae_lib.AutoencoderKL, params: Any, images: np.ndarray,
                    batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
   """The latent distribution (mean, std; float32 NHWC) of every image, encoded once."""
   @jax.jit
   def encode(x):
-    dist = vae.apply({"params": params}, _to_pixels(x), method=vae.encode).latent_dist
-    return dist.mean, dist.std
+    return vae.apply({"params": params}, _to_pixels(x), method=vae.encode)
 
   means, stds = [], []
   for start in range(0, len(images), batch_size):
@@ -312,11 +315,11 @@ def encode_latents(vae: FlaxAutoencoderKL, params: Any, images: np.ndarray,
   return np.concatenate(means), np.concatenate(stds)
 
 
-def reconstruction_error(vae: FlaxAutoencoderKL, params: Any, images: np.ndarray) -> float:
+def reconstruction_error(vae: vae_lib.AutoencoderKL, params: Any, images: np.ndarray) -> float:
   """Mean absolute error in [0, 255] units of decode(encode(x).mean), a quality figure."""
   x = _to_pixels(jnp.asarray(images))
-  mean = vae.apply({"params": params}, x, method=vae.encode).latent_dist.mean
-  recon = vae.apply({"params": params}, mean, method=vae.decode).sample
+  mean, _ = vae.apply({"params": params}, x, method=vae.encode)
+  recon = vae.apply({"params": params}, mean, method=vae.decode)
   return float(jnp.mean(jnp.abs(jnp.clip(recon, -1, 1) - x)) * 127.5)
 
 
@@ -482,8 +485,8 @@ def pretrain(out_dir: str, settings: Settings = Settings(),
   data = world_images(s.seed + 20, s.train_images)
   latent_mean, latent_std = encode_latents(components.vae, params["vae"], data.images)
   scaling_factor = float(1.0 / np.std(latent_mean))
-  components = dataclasses.replace(components, vae=FlaxAutoencoderKL(
-      **arch.vae, scaling_factor=scaling_factor))
+  components = pipeline.build_components(
+      component_configs(tokenizer, arch, scaling_factor), tokenizer)
   held_out = world_images(s.seed + 30, 200).images
   vae_report.update(
       scaling_factor=round(scaling_factor, 5),
