@@ -221,6 +221,7 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray],
   tmp_path = f"{path}.tmp{os.getpid()}"
   try:
     _safetensors_save_file(arrays, tmp_path, metadata={"format": "pt"})
+    os.chmod(tmp_path, 0o644)  # readable like any other file of the export
     os.replace(tmp_path, path)
   finally:
     if os.path.exists(tmp_path):
