@@ -40,6 +40,8 @@ def get_config():
   config.train.warmup_steps = 20
   config.checkpoint.every_steps = 200
   config.log.every_steps = 10
+  # workdir/export.safetensors too: the one-file form ComfyUI and A1111 load.
+  config.export.single_file = True
   config.sample.prompts = (
       "a {identifier} {class} on the beach", "a {identifier} {class} in the snow",
       "a {identifier} {class} at night", "a {identifier} {class} on grass", "a {class}")

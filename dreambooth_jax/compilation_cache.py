@@ -10,7 +10,7 @@ import os
 
 import jax
 
-from dreambooth_jax import models
+from dreambooth_jax.models import pipeline
 
 MIN_COMPILE_SECONDS = 1.0  # programs that compile faster are not worth a disk entry
 
@@ -19,7 +19,10 @@ def enable(directory: str | None = None) -> str:
   """Turns the cache on: `directory`, else $JAX_COMPILATION_CACHE_DIR, else
   <dreambooth_jax cache>/jax_cache. Returns the directory."""
   directory = (directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or
-               os.path.join(models.cache_dir(), "jax_cache"))
+               os.path.join(pipeline.cache_dir(), "jax_cache"))
   jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  # $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, jax's own variable, overrides the threshold
+  # (the tests set 0: their many small programs are worth caching across processes).
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   return directory

@@ -199,6 +199,12 @@ def _first_file(directory: str, names: Sequence[str]) -> str | None:
   return None
 
 
+def _require_torch(what: str, path: str) -> None:
+  if importlib.util.find_spec("torch") is None:
+    raise ModelLoadError(f"{what}: {path} is a PyTorch pickle; reading it needs torch "
+                         '(pip install -e ".[torch]")')
+
+
 def _load_transformers(name_or_dir: str, what: str, model_type: str, revision: str | None,
                        build: Callable[[dict[str, Any]], tuple[Any, Any]]):
   """(model, float32 params, directory) of a transformers checkpoint on our modules.
@@ -242,7 +248,8 @@ _UNUSED_SUBTREES = ("pooler",)
 
 
 def _shapes(module: nn.Module, *inputs: jax.ShapeDtypeStruct) -> Any:
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
+  """The module's parameter shapes (nothing computed or allocated)."""
+  return jax.eval_shape(lambda *x: module.init(jax.random.key(0), *x), *inputs)["params"]
 
 
 # --------------------------------------------------------------------------------------------

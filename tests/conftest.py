@@ -13,17 +13,22 @@ os.environ.setdefault("DREAMBOOTH_JAX_CACHE",
                       os.path.join(os.path.expanduser("~"), ".cache", "dreambooth_jax_tests"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.environ["DREAMBOOTH_JAX_CACHE"], "jax_cache"))
-
-from dreambooth_jax import quiet  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+# Every program is cached, however quickly it compiles: the suite's many small ones add up, in
+# this process and in the CLI subprocesses (which inherit this environment).
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+from tests import suite_cost  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import tiny as tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
 from dreambooth_jax import demo_data, models  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def pytest_configure(config):
+  config.pluginmanager.register(suite_cost.Plugin(), "suite_cost")
 
 
 @pytest.fixture(scope="session")

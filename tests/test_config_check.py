@@ -166,12 +166,13 @@ def test_instance_dir_without_images(small_config, tmp_path):
 
 def test_pretrained_dir_missing_unet(small_config, tiny_dir, tmp_path):
   broken = tmp_path / "pipeline"
-  shutil.copytree(tiny_dir, broken, ignore=shutil.ignore_patterns("*.msgpack"))
+  shutil.copytree(tiny_dir, broken)
+  os.remove(broken / "unet" / "diffusion_pytorch_model.safetensors")  # configs only
   small_config.model.pretrained = str(broken)
-  message = expect_error(small_config, "model.pretrained")  # configs only: no weights
+  message = expect_error(small_config, "model.pretrained")
   assert message == (f"config.model.pretrained: {broken / 'unet'} has no weights (looked for "
-                     "diffusion_flax_model.msgpack, diffusion_pytorch_model.safetensors, "
-                     "diffusion_pytorch_model.bin)")
+                     "diffusion_pytorch_model.safetensors, diffusion_pytorch_model.bin, "
+                     "diffusion_flax_model.msgpack)")
   shutil.rmtree(broken / "unet")  # a whole component folder gone
   message = expect_error(small_config, "model.pretrained")
   assert "'unet'" in message and str(broken) in message

@@ -177,7 +177,8 @@ def test_clip_embeddings_are_the_models_unit_projections(clip_torch, clip):
   np.testing.assert_allclose(np.linalg.norm(text_emb, axis=1), 1, atol=1e-5)
   np.testing.assert_allclose(text_emb[0], text_emb[2], atol=1e-6)
   assert np.abs(text_emb[0] - text_emb[1]).max() > 1e-3
-  tokens = clip.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
+  tokens = CLIPTokenizer.from_pretrained(clip_torch[0])(
+      prompts, padding="max_length", max_length=77, return_tensors="pt")
   with torch.no_grad():
     want_images = clip_torch[1].get_image_features(
         pixel_values=torch.from_numpy(eval_features.preprocess_clip(images, 32))).numpy()
@@ -355,7 +356,7 @@ def test_missing_or_incomplete_directories_are_named(tmp_path, clip_torch, lpips
     eval_features.load_dino(missing)
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "config.json").write_text('{"model_type": "vit"}')
-  with pytest.raises(ModelLoadError, match=r"empty has no weights \(looked for flax_model"):
+  with pytest.raises(ModelLoadError, match=r"empty has no weights \(looked for model.safetensors, flax_model"):
     eval_features.load_dino(str(tmp_path / "empty"))
   with pytest.raises(ModelLoadError, match="is a 'clip' model, not 'vit'"):
     eval_features.load_dino(clip_torch[0])

@@ -293,7 +293,9 @@ def test_tokenize(tokenizer):
   ids = input_pipeline.tokenize(tokenizer, "a photo of sks dog")
   assert ids.shape == (77,)
   assert ids.dtype == np.int32
-  unpadded = tokenizer("a photo of sks dog").input_ids
+  unpadded = [tokenizer.bos_token_id,
+              *tokenizer.convert_tokens_to_ids(tokenizer.tokenize("a photo of sks dog")),
+              tokenizer.eos_token_id]
   assert ids[0] == tokenizer.bos_token_id
   n = len(unpadded)
   assert 3 < n < 77

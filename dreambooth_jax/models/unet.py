@@ -339,7 +339,7 @@ class UNet2DConditionModel(nn.Module):
   projection_class_embeddings_input_dim: int | None = None
   dtype: Dtype = jnp.float32
   attention_implementation: str = "xla"
-  attention_chunk_size: int = 1024
+  attention_chunk_size: int = 512
   remat: bool = False
   torch_numerics: bool = False
 
