@@ -15,12 +15,12 @@ sd15=(--config=configs/sd15.py --config.model.pretrained=builtin:random-sd15)
 } 2>&1 | tee "$out/machine.txt"
 for attention in xla cudnn; do
   start=$SECONDS
-  python3 -m dreambooth_jax.benchmark "${sd15[@]}" --config.model.attention=$attention \
+  timeout 170 python3 -m dreambooth_jax.benchmark "${sd15[@]}" --config.model.attention=$attention \
       --warmup_steps=3 --timed_steps=20 2>&1 | grep -v "it/s\]" | tail -20 | tee "$out/step_$attention.txt"
   echo "wall_seconds: $((SECONDS - start))" | tee -a "$out/step_$attention.txt"
 done
 start=$SECONDS
-python3 -m dreambooth_jax.main "${sd15[@]}" --config.data.instance_dir=builtin:demo-toy \
+timeout ${PAPER_RUN_TIMEOUT:-1800} python3 -m dreambooth_jax.main "${sd15[@]}" --config.data.instance_dir=builtin:demo-toy \
     --config.data.class_name=toy --workdir=/tmp/paper_run 2>&1 | grep -v "it/s\]" | tail -25 \
     | tee "$out/paper_run.txt"
 echo "paper_run_wall_seconds: $((SECONDS - start))" | tee -a "$out/paper_run.txt"
