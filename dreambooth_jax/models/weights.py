@@ -123,7 +123,7 @@ def _to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
   if leaf == "kernel" and array.ndim == 2:
     return np.ascontiguousarray(array.T)
-  return np.ascontiguousarray(array)
+  return np.require(array, requirements="C")  # (ascontiguousarray would make a scalar 1-d)
 
 
 def _first_and_count(keys: list[str]) -> str:
@@ -216,7 +216,7 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray],
   """
   if dtype not in _SAVE_DTYPES:
     raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_SAVE_DTYPES)}")
-  arrays = {key: np.ascontiguousarray(_cast(np.asarray(value), _SAVE_DTYPES[dtype]))
+  arrays = {key: np.require(_cast(np.asarray(value), _SAVE_DTYPES[dtype]), requirements="C")
             for key, value in tensors.items()}
   tmp_path = f"{path}.tmp{os.getpid()}"
   try:
