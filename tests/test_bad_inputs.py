@@ -127,7 +127,7 @@ def _model_missing_unet(config, tmp_path, tiny_dir):
 
 
 def _model_missing_unet_weights(config, tmp_path, tiny_dir):
-  broken = _model_copy(tiny_dir, tmp_path, "unet/diffusion_flax_model.msgpack")
+  broken = _model_copy(tiny_dir, tmp_path, "unet/diffusion_pytorch_model.safetensors")
   config.model.pretrained = broken
   # Either check may report it: the cheap pre-flight (ConfigError) or the loader (ModelLoadError).
   return (config_check.ConfigError, models.ModelLoadError), None, (
