@@ -301,15 +301,3 @@ def test_clean_text_is_the_slow_tokenizers_fallback_cleaner():
   assert tokenizer_lib.clean_text("の犬") == "の 犬"
   assert tokenizer_lib.clean_text("cafe\u0301") == "caf\u00e9"  # NFC
   assert tokenizer_lib.clean_text("a\x00b\u200bc\ufffd") == "abc"
-
-
-@pytest.mark.parametrize("module", ["tokenizer"])
-def test_runtime_imports_no_transformers(module):
-  path = os.path.join(os.path.dirname(tokenizer_lib.__file__), f"{module}.py")
-  with open(path) as f:
-    tree = ast.parse(f.read())
-  imported = {alias.name.split(".")[0] for node in ast.walk(tree)
-              if isinstance(node, ast.Import) for alias in node.names}
-  imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-               if isinstance(node, ast.ImportFrom) and node.module}
-  assert not imported & {"transformers", "diffusers", "torch"}
