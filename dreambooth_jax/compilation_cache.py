@@ -10,7 +10,7 @@ import os
 
 import jax
 
-from dreambooth_jax.models import pipeline
+from dreambooth_jax import build_cache
 
 MIN_COMPILE_SECONDS = 1.0  # programs that compile faster are not worth a disk entry
 
@@ -19,7 +19,7 @@ def enable(directory: str | None = None) -> str:
   """Turns the cache on: `directory`, else $JAX_COMPILATION_CACHE_DIR, else
   <dreambooth_jax cache>/jax_cache. Returns the directory."""
   directory = (directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or
-               os.path.join(pipeline.cache_dir(), "jax_cache"))
+               os.path.join(build_cache.root(), "jax_cache"))
   jax.config.update("jax_compilation_cache_dir", directory)
   # $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, jax's own variable, overrides the threshold
   # (the tests set 0: their many small programs are worth caching across processes).

@@ -11,11 +11,12 @@ Both are deterministic, so every machine trains on the same pictures.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dreambooth_jax import models
+from dreambooth_jax import build_cache
 from dreambooth_jax.toyworld import world
 
 BUILTIN_DEMO_TOY = "builtin:demo-toy"
@@ -48,11 +49,10 @@ def _toyworld_subject_photos() -> list[Image.Image]:
   return [Image.fromarray(photo) for photo in world.subject_photos(TOYWORLD_PHOTO_SIZE)]
 
 
-# name -> (cache folder, file stem, number of photos, the photos)
+# name -> (cache folder, file stem, the photos)
 _BUILTINS = {
-    BUILTIN_DEMO_TOY: ("demo-toy", "toy", 5, lambda: [draw_toy(index) for index in range(5)]),
-    BUILTIN_TOYWORLD_SUBJECT: ("toyworld-subject", "subject", world.SUBJECT_PHOTO_COUNT,
-                               _toyworld_subject_photos),
+    BUILTIN_DEMO_TOY: ("demo-toy", "toy", lambda: [draw_toy(index) for index in range(5)]),
+    BUILTIN_TOYWORLD_SUBJECT: ("toyworld-subject", "subject", _toyworld_subject_photos),
 }
 BUILTIN_INSTANCE_DIRS = tuple(_BUILTINS)
 
@@ -61,14 +61,11 @@ def resolve_instance_dir(instance_dir: str) -> str:
   """Returns instance_dir, or the cached folder of a builtin (drawn on first use)."""
   if instance_dir not in _BUILTINS:
     return instance_dir
-  folder, stem, count, draw_photos = _BUILTINS[instance_dir]
-  directory = os.path.join(models.cache_dir(), folder)
-  present = ([n for n in os.listdir(directory) if n.endswith(".png")]
-             if os.path.isdir(directory) else [])
-  if len(present) < count:
-    os.makedirs(directory, exist_ok=True)
+  folder, stem, draw_photos = _BUILTINS[instance_dir]
+
+  def draw(directory: str) -> None:
+    os.makedirs(directory)
     for index, photo in enumerate(draw_photos()):
-      path = os.path.join(directory, f"{stem}_{index}.png")
-      photo.save(path + ".tmp", format="PNG")
-      os.replace(path + ".tmp", path)
-  return directory
+      photo.save(os.path.join(directory, f"{stem}_{index}.png"), format="PNG")
+
+  return build_cache.built_dir(folder, draw, sys.modules[__name__], world)

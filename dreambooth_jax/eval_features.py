@@ -50,6 +50,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
 
@@ -60,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dreambooth_jax import eval_metrics, models
+from dreambooth_jax import build_cache, eval_metrics, models
 from dreambooth_jax.models import ModelLoadError, clip_text, clip_vision, vit, weights
 from dreambooth_jax.models.pipeline import load_flax_msgpack
 from dreambooth_jax.models.tokenizer import ClipTokenizer
@@ -646,13 +647,11 @@ def load_lpips(name_or_dir: str = LPIPS_DEFAULT, *, net: str | None = None,
 
 def tiny_random_dirs() -> dict[str, str]:
   """{dino, clip, lpips}: directories of tiny random networks, built once in the cache."""
-  root = os.path.join(models.cache_dir(), "tiny-eval")
-  dirs = {name: os.path.join(root, name) for name in ("dino", "clip", "lpips")}
-  if not os.path.isfile(os.path.join(root, "done")):
-    build_tiny_random(dirs)
-    with open(os.path.join(root, "done"), "w") as f:
-      f.write("ok\n")
-  return dirs
+  names = ("dino", "clip", "lpips")
+  root = build_cache.built_dir(
+      "tiny-eval", lambda root: build_tiny_random({n: os.path.join(root, n) for n in names}),
+      sys.modules[__name__], models)
+  return {name: os.path.join(root, name) for name in names}
 
 
 def build_tiny_random(dirs: dict[str, str], seed: int = 0) -> None:

@@ -24,9 +24,9 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from dreambooth_jax import (atomic_files, cli_errors, compilation_cache, dreambooth_dataset,
-                            eval_features, eval_metrics, eval_prompts, input_pipeline, models,
-                            sampling, sharding)
+from dreambooth_jax import (atomic_files, cli_errors, compilation_cache, demo_data,
+                            dreambooth_dataset, eval_features, eval_metrics, eval_prompts,
+                            input_pipeline, models, sampling, sharding)
 from dreambooth_jax.models import schedulers
 
 FLAGS = flags.FLAGS
@@ -36,7 +36,8 @@ def define_flags() -> None:
   """Defined only when run as a program, so that importing this module adds no flags."""
   flags.DEFINE_string("pipeline", None, "Exported pipeline directory (or hub id) to evaluate.")
   flags.DEFINE_string("compare", None, "A second pipeline, evaluated the same way, side by side.")
-  flags.DEFINE_string("real_dir", None, "Folder of the subject's real photos.")
+  flags.DEFINE_string("real_dir", None, "Folder of the subject's real photos (or a builtin "
+                      "one: builtin:demo-toy, builtin:toyworld-subject).")
   flags.DEFINE_string("subject", None, "A DreamBooth-dataset subject (e.g. dog2), instead of "
                       "--real_dir; its class noun and live flag come from the dataset.")
   flags.DEFINE_string("dataset_dir", None, "The dataset/ folder of a clone of "
@@ -195,8 +196,9 @@ def main(argv):
     else:
       if not FLAGS.class_name:
         raise app.UsageError("--class_name is required with --real_dir")
+      real_dir = demo_data.resolve_instance_dir(FLAGS.real_dir)
       real = [input_pipeline.load_image(path, None) for path in
-              input_pipeline.list_images(FLAGS.real_dir, "--real_dir")]
+              input_pipeline.list_images(real_dir, "--real_dir")]
       if not real:
         raise input_pipeline.DataError(f"--real_dir: {FLAGS.real_dir} holds no images")
       class_name, live = FLAGS.class_name, FLAGS.live

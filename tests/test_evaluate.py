@@ -16,13 +16,14 @@ TINY = eval_features.TINY_RANDOM
 
 
 @pytest.fixture(scope="module")
-def comparison(tmp_path_factory, straight_run, tiny_dir, instance_dir):
-  """The trained export (a) against the base model it started from (b)."""
+def comparison(tmp_path_factory, straight_run, tiny_dir):
+  """The trained export (a) against the base model it started from (b); the real photos by
+  their builtin name, as the README's command gives them."""
   out = tmp_path_factory.mktemp("evaluation")
   export = os.path.join(straight_run[0], "export")
   result = subprocess.run(
       [sys.executable, "-m", "dreambooth_jax.evaluate", f"--pipeline={export}",
-       f"--compare={tiny_dir}", f"--real_dir={instance_dir}", "--class_name=toy",
+       f"--compare={tiny_dir}", "--real_dir=builtin:demo-toy", "--class_name=toy",
        "--num_prompts=3", "--num_images=2", "--steps=2", f"--out={out}", f"--dino={TINY}",
        f"--clip={TINY}", f"--lpips={TINY}"],
       cwd=REPO, capture_output=True, text=True, timeout=600, check=False)

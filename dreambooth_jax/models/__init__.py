@@ -9,7 +9,7 @@ vit, clip_vision (evaluation networks); pipeline (Components, load, export); bui
 """
 
 from dreambooth_jax.models.pipeline import (COMPONENTS, Components, ModelLoadError,
-                                            architecture_configs, cache_dir, export_pipeline,
+                                            architecture_configs, export_pipeline,
                                             is_hub_id, load_configured, load_pretrained,
                                             local_dir)
 from dreambooth_jax.models.builtin import (MODELS as BUILTIN_MODELS, PREFIX as BUILTIN_PREFIX,

@@ -8,10 +8,11 @@ the code that loads them is the code that loads a user's model.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
-import shutil
 
-from dreambooth_jax import toyworld
+from dreambooth_jax import build_cache, toyworld
 from dreambooth_jax.models import pipeline, tokenizer as tokenizers
 
 PREFIX = "builtin:"
@@ -65,14 +66,13 @@ def resolve_pretrained(pretrained: str, revision: str | None = None,
     check(pretrained)
     if pretrained == TOYWORLD:
       return toyworld.PRETRAINED_DIR
-    name = pretrained[len(PREFIX):]
-    path = os.path.join(pipeline.cache_dir(), name)
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-      if pretrained == TINY:
-        build_tiny_pipeline(path)
-      else:
-        build_random_pipeline(pretrained[len(RANDOM_PREFIX):], path)
-    return path
+    if pretrained == TINY:
+      build = build_tiny_pipeline
+    else:
+      build = functools.partial(build_random_pipeline, pretrained[len(RANDOM_PREFIX):])
+    # Keyed by the model layer's source: its init and file writers decide what is built.
+    return build_cache.built_dir(pretrained[len(PREFIX):], build,
+                                 importlib.import_module("dreambooth_jax.models"))
   return (pipeline.local_dir(pretrained, "model.pretrained")
           or pipeline.download_from_hub(pretrained, revision, variant))
 
@@ -106,15 +106,9 @@ def load_tokenizer(pretrained: str, revision: str | None = None) -> tokenizers.C
 
 def _save_random(configs: dict, tokenizer: tokenizers.ClipTokenizer, out_dir: str,
                  seed: int) -> str:
-  """Random weights for `configs`, saved like a hub repo; written to a temporary directory
-  first so that a crash never leaves a half-built model behind."""
-  tmp_dir = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-  shutil.rmtree(tmp_dir, ignore_errors=True)
+  """Random weights for `configs`, saved like a hub repo."""
   components = pipeline.build_components(configs, tokenizer)
-  pipeline.write_pipeline_dir(components, components.init_params(seed), tmp_dir)
-  shutil.rmtree(out_dir, ignore_errors=True)
-  os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-  os.rename(tmp_dir, out_dir)
+  pipeline.write_pipeline_dir(components, components.init_params(seed), out_dir)
   return out_dir
 
 

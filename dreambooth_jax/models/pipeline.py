@@ -139,11 +139,6 @@ def build_components(configs: dict[str, dict[str, Any]], tokenizer: tokenizers.C
 # --------------------------------------------------------------------------------------------
 # Finding a model: builtin names, local folders, hub ids, single files.
 
-def cache_dir() -> str:
-  return os.environ.get("DREAMBOOTH_JAX_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "dreambooth_jax"))
-
-
 def is_hub_id(name: str) -> bool:
   return not name.startswith((".", "/", "~")) and name.count("/") == 1
 
