@@ -3,8 +3,11 @@
 import json
 import os
 
+# LLVM at -O1 instead of -O2: XLA's CPU compiles, single-threaded and most of the suite's time,
+# take 35% less and the tiny models' steps run no slower (measured, issue 20).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8 " + TEST_XLA_FLAGS).strip()
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing at test time may reach the network
 os.environ["JAX_PLATFORMS"] = "cpu"
 # The builtin tiny model and drawn demo images are cached here once per machine, so that
