@@ -13,11 +13,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from dreambooth_jax import faults
+from dreambooth_jax.errors import CheckpointError
 from dreambooth_jax.train_step import TrainState
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint could not be written; the message names the step and the kept checkpoint."""
 
 
 def _install_commit_fault() -> None:

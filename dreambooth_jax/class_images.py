@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from dreambooth_jax import (distributed, faults, input_pipeline, models, preemption, sampling,
+from dreambooth_jax import (distributed, errors, faults, input_pipeline, models, sampling,
                             sharding)
 
 
@@ -38,7 +38,7 @@ def ensure_class_images(class_dir: str, num_class_images: int, class_prompt: str
                         stop_requested: Callable[[], bool] = lambda: False) -> list[str]:
   """Generates what class_dir lacks; returns the first num_class_images image paths.
 
-  Raises preemption.Preempted between batches once stop_requested() is true.
+  Raises errors.Preempted between batches once stop_requested() is true.
   """
   if distributed.is_main():
     os.makedirs(class_dir, exist_ok=True)
@@ -57,7 +57,7 @@ def ensure_class_images(class_dir: str, num_class_images: int, class_prompt: str
     with tqdm(total=len(todo), desc="class images", unit="img") as progress:
       for start in range(0, len(todo), batch_size):
         if stop_requested():
-          raise preemption.Preempted(
+          raise errors.Preempted(
               f"stopped generating class images with {len(todo) - start} still missing; "
               "rerun the same command to make the rest")
         indices = todo[start:start + batch_size]

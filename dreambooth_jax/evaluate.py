@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from dreambooth_jax import (atomic_files, cli_errors, compilation_cache, demo_data,
-                            dreambooth_dataset, eval_features, eval_metrics, eval_prompts,
+                            dreambooth_dataset, errors, eval_features, eval_metrics, eval_prompts,
                             input_pipeline, models, sampling, sharding)
 from dreambooth_jax.models import schedulers
 
@@ -200,7 +200,7 @@ def main(argv):
       real = [input_pipeline.load_image(path, None) for path in
               input_pipeline.list_images(real_dir, "--real_dir")]
       if not real:
-        raise input_pipeline.DataError(f"--real_dir: {FLAGS.real_dir} holds no images")
+        raise errors.DataError(f"--real_dir: {FLAGS.real_dir} holds no images")
       class_name, live = FLAGS.class_name, FLAGS.live
     templates = eval_prompts.LIVE_PROMPTS if live else eval_prompts.OBJECT_PROMPTS
     templates = templates[:FLAGS.num_prompts or len(templates)]

@@ -10,11 +10,9 @@ import signal
 import threading
 from types import FrameType
 
+from dreambooth_jax.errors import Preempted
+
 EXIT_CODE = 143  # 128 + SIGTERM: what schedulers expect from a terminated job
-
-
-class Preempted(Exception):
-  """The run stopped early on request; its state is saved and it resumes when rerun."""
 
 
 class SigtermWatcher:

@@ -19,7 +19,7 @@ from absl import logging
 from tqdm import tqdm
 
 from dreambooth_jax import (atomic_files, checkpoints, class_images, config_check, demo_data,
-                            distributed, faults, frozen_cache, identifiers, input_pipeline, metric_writer,
+                            distributed, errors, faults, frozen_cache, identifiers, input_pipeline, metric_writer,
                             models, prefetch, preemption, sampling, sharding, train_step,
                             workdir_lock)
 
@@ -166,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         if preempted:
           checkpoints.wait(manager)
           writer.flush()
-          raise preemption.Preempted(
+          raise errors.Preempted(
               f"stopped at step {done} of {train_config.steps} on SIGTERM; checkpoint saved "
               f"in {manager.directory}; rerun the same command to resume")
       stop_if_nonfinite(state, train_config, manager)

@@ -16,16 +16,13 @@ import jax.numpy as jnp
 import optax
 
 from dreambooth_jax import models, sharding
+from dreambooth_jax.errors import NonFiniteLossError
 from dreambooth_jax.models import schedulers
 
 PyTree = Any
 
 
 OFFSET_NOISE_STREAM = 3  # folded into an example's key for its offset noise
-
-
-class NonFiniteLossError(RuntimeError):
-  """A step's loss or gradient was NaN or Inf and train.skip_nonfinite_steps is off."""
 
 
 @flax.struct.dataclass

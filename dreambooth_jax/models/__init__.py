@@ -8,10 +8,10 @@ weights (diffusers-layout safetensors), single_file (original-layout checkpoints
 vit, clip_vision (evaluation networks); pipeline (Components, load, export); builtin.
 """
 
-from dreambooth_jax.models.pipeline import (COMPONENTS, Components, ModelLoadError,
-                                            architecture_configs, export_pipeline,
-                                            is_hub_id, load_configured, load_pretrained,
-                                            local_dir)
+from dreambooth_jax.errors import ModelLoadError
+from dreambooth_jax.models.pipeline import (COMPONENTS, Components, architecture_configs,
+                                            export_pipeline, is_hub_id, load_configured,
+                                            load_pretrained, local_dir)
 from dreambooth_jax.models.builtin import (MODELS as BUILTIN_MODELS, PREFIX as BUILTIN_PREFIX,
                                            TINY as BUILTIN_TINY, TINY_WORDS,
                                            TOYWORLD as BUILTIN_TOYWORLD, build_tiny_pipeline,

@@ -13,6 +13,7 @@ import importlib
 import os
 
 from dreambooth_jax import build_cache, toyworld
+from dreambooth_jax.errors import ModelLoadError
 from dreambooth_jax.models import pipeline, tokenizer as tokenizers
 
 PREFIX = "builtin:"
@@ -55,7 +56,7 @@ def tiny_text_config(vocab_size: int, max_positions: int = 77) -> dict:
 
 def check(pretrained: str) -> None:
   if pretrained not in MODELS:
-    raise pipeline.ModelLoadError(f"model.pretrained: unknown builtin model {pretrained!r}; "
+    raise ModelLoadError(f"model.pretrained: unknown builtin model {pretrained!r}; "
                                   f"choose one of {', '.join(MODELS)}")
 
 
@@ -84,7 +85,7 @@ def check_pretrained(pretrained: str) -> None:
     check(pretrained)
   elif pretrained.endswith(".safetensors") and os.path.exists(pretrained):
     if not os.path.isfile(pretrained):
-      raise pipeline.ModelLoadError(f"model.pretrained: {pretrained} is not a file")
+      raise ModelLoadError(f"model.pretrained: {pretrained} is not a file")
   elif os.path.exists(pretrained) or not pipeline.is_hub_id(pretrained):
     pipeline.check_pipeline_dir(resolve_pretrained(pretrained))
 
@@ -100,7 +101,7 @@ def load_tokenizer(pretrained: str, revision: str | None = None) -> tokenizers.C
   tokenizer_dir = os.path.join(directory, "tokenizer")
   if not any(os.path.isfile(os.path.join(tokenizer_dir, f))
              for f in ("vocab.json", "tokenizer.json")):
-    raise pipeline.ModelLoadError(f"model.pretrained: {directory} has no tokenizer/vocab.json")
+    raise ModelLoadError(f"model.pretrained: {directory} has no tokenizer/vocab.json")
   return tokenizers.ClipTokenizer.from_directory(tokenizer_dir)
 
 

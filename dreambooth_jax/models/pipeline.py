@@ -25,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from dreambooth_jax import faults, sharding
+from dreambooth_jax.errors import ModelLoadError, WeightsError
 from dreambooth_jax.models import (clip_text, schedulers, single_file, tokenizer as tokenizers,
                                    unet as unet_lib, vae as vae_lib, weights)
 
@@ -43,10 +44,6 @@ _TORCH_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"),
 # Flax-only keys of configs that our earlier (Flax) exports wrote; PyTorch does not take them.
 _FLAX_ONLY_KEYS = ("use_memory_efficient_attention", "split_head_dim", "dtype")
 DIFFUSERS_VERSION = "0.39.0"  # the config format we write, read by every later release
-
-
-class ModelLoadError(ValueError):
-  """A pretrained model that cannot be used; the message names the path and the part."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +184,7 @@ def _component_weights(directory: str, component: str, variant: str | None) -> s
   component_dir = os.path.join(directory, component)
   try:
     return weights.find_weights(component_dir, weights.WEIGHT_FILES[component], variant)
-  except weights.WeightsError:
+  except WeightsError:
     flax_file = os.path.join(component_dir, _FLAX_FILES[component])
     if variant is None and os.path.isfile(flax_file):
       return flax_file
@@ -266,7 +263,7 @@ def load_component_params(directory: str, component: str, reference: Any,
     return _to_float32(load_flax_msgpack(path, reference))
   try:
     return weights.torch_to_flax(weights.load_state_dict(path), reference, path, component)
-  except weights.WeightsError as e:
+  except WeightsError as e:
     raise ModelLoadError(f"model.pretrained: {e}") from None
 
 
@@ -318,7 +315,7 @@ def load_single_file(path: str, dtype: str = "float32", attention: str = "xla",
   for name in WEIGHTED:
     try:
       params[name] = weights.torch_to_flax(state_dicts[name], references[name], path, name)
-    except weights.WeightsError as e:
+    except WeightsError as e:
       raise ModelLoadError(f"model.pretrained: {e}") from None
   return components, params
 
