@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from dreambooth_jax import (distributed, errors, faults, input_pipeline, models, sampling,
+from dreambooth_jax import (distributed, errors, failpoints, input_pipeline, models, sampling,
                             sharding)
 
 
@@ -68,7 +68,7 @@ def ensure_class_images(class_dir: str, num_class_images: int, class_prompt: str
           if row < len(indices):
             index = indices[row]
             sampling.write_png(image, os.path.join(class_dir, f"class_{index:05d}.png"),
-                               before_commit=lambda i=index: faults.at("class_image", i))
+                               before_commit=lambda i=index: failpoints.at("class_image", i))
         progress.update(len(indices))
   distributed.barrier("class images: written")
   return input_pipeline.list_images(class_dir, "data.class_dir")[:num_class_images]

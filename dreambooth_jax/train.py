@@ -19,7 +19,7 @@ from absl import logging
 from tqdm import tqdm
 
 from dreambooth_jax import (atomic_files, checkpoints, class_images, config_check, demo_data,
-                            distributed, errors, faults, frozen_cache, identifiers, input_pipeline, metric_writer,
+                            distributed, errors, failpoints, frozen_cache, identifiers, input_pipeline, metric_writer,
                             models, prefetch, preemption, sampling, sharding, train_step,
                             workdir_lock)
 
@@ -142,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
                                   total=train_config.steps, desc="train", unit="step"), batches):
         state, metrics = step_fn(state, step_frozen, batch)
         done = step + 1
-        faults.at("step", done)
+        failpoints.at("step", done)
         if done % config.log.every_steps == 0 or done == train_config.steps:
           scalars = jax.device_get(metrics)
           now = time.perf_counter()

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from dreambooth_jax import (checkpoints, config_check, faults, input_pipeline, models, preemption,
+from dreambooth_jax import (checkpoints, config_check, failpoints, input_pipeline, models, preemption,
                             train, train_step, workdir_lock)
 from tests import conftest
 
@@ -49,9 +49,9 @@ def _command(workdir, flags):
 
 
 def _env(fault=None):
-  env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+  env = {k: v for k, v in os.environ.items() if k != failpoints.ENV}
   if fault:
-    env[faults.ENV] = fault
+    env[failpoints.ENV] = fault
   return env
 
 
@@ -229,7 +229,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(straight_run, smal
                                                                tmp_path, monkeypatch):
   workdir = str(tmp_path / "full")
   small_config.checkpoint.max_to_keep = 1  # so that the old checkpoint is the only copy
-  monkeypatch.setenv(faults.ENV, "checkpoint_commit:6:enospc")
+  monkeypatch.setenv(failpoints.ENV, "checkpoint_commit:6:enospc")
   with pytest.raises(checkpoints.CheckpointError) as error:
     train.train_and_evaluate(small_config, workdir)
   message = str(error.value)
@@ -238,7 +238,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(straight_run, smal
   assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
   assert not os.path.exists(os.path.join(workdir, "export"))
 
-  monkeypatch.delenv(faults.ENV)  # space freed: the same command resumes from step 3
+  monkeypatch.delenv(failpoints.ENV)  # space freed: the same command resumes from step 3
   state = jax.device_get(train.train_and_evaluate(small_config, workdir))
   jax.tree.map(np.testing.assert_array_equal, state, straight_run[1])
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]

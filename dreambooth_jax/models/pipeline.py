@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dreambooth_jax import faults, sharding
+from dreambooth_jax import failpoints, sharding
 from dreambooth_jax.errors import ModelLoadError, WeightsError
 from dreambooth_jax.models import (clip_text, schedulers, single_file, tokenizer as tokenizers,
                                    unet as unet_lib, vae as vae_lib, weights)
@@ -413,7 +413,7 @@ def export_pipeline(components: Components, params: dict[str, Any], out_dir: str
   tmp_dir = out_dir.rstrip("/") + ".tmp"
   shutil.rmtree(tmp_dir, ignore_errors=True)
   write_pipeline_dir(components, host_params, tmp_dir, fp16_variant)
-  faults.at("export", 0)
+  failpoints.at("export", 0)
   old_dir = out_dir.rstrip("/") + ".old"
   shutil.rmtree(old_dir, ignore_errors=True)
   if os.path.exists(out_dir):
