@@ -1,7 +1,7 @@
 """SIGTERM (a TPU VM maintenance event, `kill`, a scheduler) ends a run at a step boundary.
 
 The handler only records the request; the training loop finishes the step it is in, saves a
-checkpoint and raises Preempted, so the same command resumes from that step.
+checkpoint and raises errors.Preempted, so the same command resumes from that step.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-
-from dreambooth_jax.errors import Preempted
 
 EXIT_CODE = 143  # 128 + SIGTERM: what schedulers expect from a terminated job
 

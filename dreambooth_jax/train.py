@@ -50,7 +50,7 @@ def stop_if_nonfinite(state: train_step.TrainState, train_config,
   count, first = jax.device_get((state.nonfinite_steps, state.first_nonfinite_step))
   if count:
     kept = manager.latest_step()
-    raise train_step.NonFiniteLossError(
+    raise errors.NonFiniteLossError(
         f"non-finite loss or gradient at step {int(first)}; stopped without saving it. Newest "
         f"good checkpoint: {'step ' + str(kept) if kept is not None else 'none'}. Lower "
         "train.learning_rate, or set train.skip_nonfinite_steps=true to skip such steps")

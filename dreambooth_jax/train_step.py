@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import optax
 
 from dreambooth_jax import models, sharding
-from dreambooth_jax.errors import NonFiniteLossError
 from dreambooth_jax.models import schedulers
 
 PyTree = Any

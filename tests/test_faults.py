@@ -24,8 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-from dreambooth_jax import (checkpoints, config_check, failpoints, input_pipeline, models, preemption,
-                            train, train_step, workdir_lock)
+from dreambooth_jax import (checkpoints, config_check, errors, failpoints, input_pipeline, models,
+                            preemption, train, workdir_lock)
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,7 +261,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_good_checkpoint(
     small_config, tmp_path, monkeypatch):
   workdir = str(tmp_path / "nan")
   _nan_at_step(monkeypatch, 5)
-  with pytest.raises(train_step.NonFiniteLossError, match=r"non-finite loss or gradient at step "
+  with pytest.raises(errors.NonFiniteLossError, match=r"non-finite loss or gradient at step "
                      r"5; stopped without saving it\. Newest good checkpoint: step 3\."):
     train.train_and_evaluate(small_config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
@@ -351,7 +351,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
 
 
 def test_sigterm_during_class_images_stops_after_the_batch_in_flight(tiny, tmp_path):
-  from dreambooth_jax import class_images, preemption, sharding  # pylint: disable=g-import-not-at-top
+  from dreambooth_jax import class_images, sharding  # pylint: disable=g-import-not-at-top
   components, params = tiny
   mesh = sharding.make_mesh()
   config = conftest.make_small_config("unused", "unused")
@@ -361,7 +361,7 @@ def test_sigterm_during_class_images_stops_after_the_batch_in_flight(tiny, tmp_p
     asked.append(True)
     return len(asked) > 1
 
-  with pytest.raises(preemption.Preempted, match="with 2 still missing; rerun"):
+  with pytest.raises(errors.Preempted, match="with 2 still missing; rerun"):
     class_images.ensure_class_images(
         str(tmp_path), 10, config.data.class_prompt, components,
         sharding.put_replicated(params, mesh), mesh, 32, config.class_images, config.seed,

@@ -134,7 +134,7 @@ def build_components(configs: dict[str, dict[str, Any]], tokenizer: tokenizers.C
 
 
 # --------------------------------------------------------------------------------------------
-# Finding a model: builtin names, local folders, hub ids, single files.
+# Finding a model: local folders, hub ids, single files (builtin names: builtin.py).
 
 def is_hub_id(name: str) -> bool:
   return not name.startswith((".", "/", "~")) and name.count("/") == 1
@@ -267,29 +267,6 @@ def load_component_params(directory: str, component: str, reference: Any,
     raise ModelLoadError(f"model.pretrained: {e}") from None
 
 
-def load_pretrained(pretrained: str, revision: str | None = None, dtype: str = "float32",
-                    attention: str = "xla", variant: str | None = None,
-                    single_file_config: str | None = None
-                    ) -> tuple[Components, dict[str, Any]]:
-  """Returns our modules and float32 params {'unet', 'vae', 'text_encoder'} of a builtin name,
-  a local diffusers folder, a hub id or a single-file checkpoint (whose architecture is the
-  shipped one of its family, or that of the diffusers folder `single_file_config`)."""
-  from dreambooth_jax.models import builtin  # pylint: disable=g-import-not-at-top
-  if is_single_file(pretrained):
-    return load_single_file(pretrained, dtype, attention, single_file_config)
-  directory = builtin.resolve_pretrained(pretrained, revision, variant)
-  check_pipeline_dir(directory, variant)
-  try:
-    tokenizer = tokenizers.ClipTokenizer.from_directory(os.path.join(directory, "tokenizer"))
-  except (OSError, ValueError) as e:
-    raise ModelLoadError(f"model.pretrained: {directory}/tokenizer: {e}") from None
-  components = build_components(read_configs(directory), tokenizer, dtype, attention)
-  references = components.abstract_params()
-  params = {name: load_component_params(directory, name, references[name], variant)
-            for name in WEIGHTED}
-  return components, params
-
-
 def load_single_file(path: str, dtype: str = "float32", attention: str = "xla",
                      config_dir: str | None = None) -> tuple[Components, dict[str, Any]]:
   """A single-file SD 1.x / 2.x checkpoint: with the configs and tokenizer of the diffusers
@@ -334,14 +311,6 @@ def _family_tokenizer(path: str) -> tokenizers.ClipTokenizer:
 def configured_attention(model_config) -> str:
   """model.attention, with the older switch model.memory_efficient_attention=true → chunked."""
   return "chunked" if model_config.memory_efficient_attention else model_config.attention
-
-
-def load_configured(model_config) -> tuple[Components, dict[str, Any]]:
-  """load_pretrained with a config's model.* fields."""
-  return load_pretrained(model_config.pretrained, model_config.revision or None,
-                         model_config.dtype, configured_attention(model_config),
-                         model_config.variant or None,
-                         model_config.single_file_config or None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import optax
 from tqdm import tqdm
 
 from configs import common
-from dreambooth_jax import (atomic_files, input_pipeline, models, sampling, sharding,
+from dreambooth_jax import (atomic_files, errors, input_pipeline, models, sampling, sharding,
                             train_step)
 from dreambooth_jax import toyworld
 from dreambooth_jax.models import builtin, pipeline
@@ -382,7 +382,7 @@ def train_diffusion(components: models.Components, params: dict[str, Any],
       if done % s.log_every == 0 or done == s.steps:
         loss = float(metrics["loss"])
         if not np.isfinite(loss):
-          raise train_step.NonFiniteLossError(f"stage 2: loss {loss} at step {done}")
+          raise errors.NonFiniteLossError(f"stage 2: loss {loss} at step {done}")
         losses.append(loss)
         bar.update(done - bar.n)
         bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
