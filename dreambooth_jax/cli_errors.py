@@ -7,7 +7,8 @@ checkpoint write, workdir held by another run). 143: stopped on SIGTERM with its
 import contextlib
 import sys
 
-from dreambooth_jax import errors, preemption
+from dreambooth_jax import errors
+from dreambooth_jax.training import preemption
 
 INPUT_ERRORS = (errors.ConfigError, errors.DataError, errors.ModelLoadError, errors.MeshError)
 RUN_ERRORS = (errors.NonFiniteLossError, errors.CheckpointError, errors.WorkdirLockedError)

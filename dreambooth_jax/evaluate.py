@@ -24,10 +24,11 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from dreambooth_jax import (atomic_files, cli_errors, compilation_cache, demo_data,
-                            dreambooth_dataset, errors, eval_features, eval_metrics, eval_prompts,
-                            input_pipeline, models, sampling, sharding)
-from dreambooth_jax.models import schedulers
+from dreambooth_jax import atomic_files, cli_errors, compilation_cache, errors, models, sharding
+from dreambooth_jax.data import demo_data, input_pipeline
+from dreambooth_jax.evaluation import (dreambooth_dataset, features as eval_features,
+                                       metrics as eval_metrics, prompts as eval_prompts)
+from dreambooth_jax.models import sampling, schedulers
 
 FLAGS = flags.FLAGS
 

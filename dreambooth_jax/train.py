@@ -18,10 +18,12 @@ import ml_collections
 from absl import logging
 from tqdm import tqdm
 
-from dreambooth_jax import (atomic_files, checkpoints, class_images, config_check, demo_data,
-                            distributed, errors, failpoints, frozen_cache, identifiers, input_pipeline, metric_writer,
-                            models, prefetch, preemption, sampling, sharding, train_step,
-                            workdir_lock)
+from dreambooth_jax import atomic_files, distributed, errors, failpoints, models, sharding
+from dreambooth_jax.data import (class_images, demo_data, frozen_cache, identifiers, input_pipeline,
+                                 prefetch)
+from dreambooth_jax.models import sampling
+from dreambooth_jax.training import (checkpoints, config_check, metric_writer, preemption,
+                                     step as train_step, workdir_lock)
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str, write: bool = True) -> None:

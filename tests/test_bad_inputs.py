@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_jax import class_images, config_check, input_pipeline, models, train
+from dreambooth_jax import models, train
+from dreambooth_jax.data import class_images, input_pipeline
+from dreambooth_jax.training import config_check
 from tests import conftest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

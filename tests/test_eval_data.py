@@ -11,7 +11,8 @@ from PIL import Image, ImageOps
 import pytest
 import tensorflow_datasets as tfds
 
-from dreambooth_jax import dreambooth_dataset, eval_prompts, input_pipeline
+from dreambooth_jax.data import input_pipeline
+from dreambooth_jax.evaluation import dreambooth_dataset, prompts as eval_prompts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -24,8 +24,9 @@ import jax
 import numpy as np
 import pytest
 
-from dreambooth_jax import (checkpoints, config_check, errors, failpoints, input_pipeline, models,
-                            preemption, train, workdir_lock)
+from dreambooth_jax import errors, failpoints, models, train
+from dreambooth_jax.data import input_pipeline
+from dreambooth_jax.training import checkpoints, config_check, preemption, workdir_lock
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,7 +352,8 @@ def test_lock_is_exclusive_and_released(tmp_path):
 
 
 def test_sigterm_during_class_images_stops_after_the_batch_in_flight(tiny, tmp_path):
-  from dreambooth_jax import class_images, sharding  # pylint: disable=g-import-not-at-top
+  from dreambooth_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dreambooth_jax.data import class_images  # pylint: disable=g-import-not-at-top
   components, params = tiny
   mesh = sharding.make_mesh()
   config = conftest.make_small_config("unused", "unused")

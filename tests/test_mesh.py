@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from configs import common
-from dreambooth_jax import checkpoints, frozen_cache, sharding, train_step
+from dreambooth_jax import sharding
+from dreambooth_jax.data import frozen_cache
+from dreambooth_jax.training import checkpoints, step as train_step
 
 SHAPES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs import common
-from dreambooth_jax import frozen_cache, models, prefetch, sharding, train_step
+from dreambooth_jax import models, sharding
+from dreambooth_jax.data import frozen_cache, prefetch
+from dreambooth_jax.training import step as train_step
 
 
 def _images(seed, count, size=32):

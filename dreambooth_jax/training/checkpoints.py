@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 
 from dreambooth_jax import failpoints
 from dreambooth_jax.errors import CheckpointError
-from dreambooth_jax.train_step import TrainState
+from dreambooth_jax.training.step import TrainState
 
 
 def _install_commit_fault() -> None:

@@ -2,7 +2,7 @@
 
 Each loader takes a hub id or a local directory and returns an object whose calls take uint8
 RGB images (an [N, H, W, 3] array, or a list of [H, W, 3] arrays of any sizes) and return numpy
-arrays; `eval_metrics` turns those into the paper's scores. Preprocessing runs on the host with
+arrays; `metrics` turns those into the paper's scores. Preprocessing runs on the host with
 PIL (as the Hugging Face image processors do), the networks run jitted in fixed-size batches
 (a short last batch is padded to a power of two, so a few sizes compile at most).
 
@@ -61,7 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dreambooth_jax import build_cache, eval_metrics, models
+from dreambooth_jax import build_cache, models
+from dreambooth_jax.evaluation import metrics as eval_metrics
 from dreambooth_jax.errors import ModelLoadError, WeightsError
 from dreambooth_jax.models import clip_text, clip_vision, vit, weights
 from dreambooth_jax.models.pipeline import load_flax_msgpack

@@ -17,7 +17,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from dreambooth_jax import input_pipeline, models, sharding
+from dreambooth_jax import models, sharding
+from dreambooth_jax.data import input_pipeline
 
 ROWS_PER_DEVICE = 4  # images encoded per device per call
 

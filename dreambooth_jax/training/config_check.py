@@ -9,7 +9,8 @@ import re
 import ml_collections
 
 from configs import common
-from dreambooth_jax import demo_data, identifiers, input_pipeline, models
+from dreambooth_jax import models
+from dreambooth_jax.data import demo_data, identifiers, input_pipeline
 from dreambooth_jax.errors import ConfigError, DataError
 from dreambooth_jax.models import attention, schedulers
 

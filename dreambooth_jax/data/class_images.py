@@ -15,8 +15,9 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from dreambooth_jax import (distributed, errors, failpoints, input_pipeline, models, sampling,
-                            sharding)
+from dreambooth_jax import distributed, errors, failpoints, models, sharding
+from dreambooth_jax.data import input_pipeline
+from dreambooth_jax.models import sampling
 
 
 def missing_indices(class_dir: str, num_class_images: int) -> list[int]:

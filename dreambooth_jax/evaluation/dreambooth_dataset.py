@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 import tensorflow_datasets as tfds
 
-from dreambooth_jax import eval_prompts, input_pipeline
+from dreambooth_jax.data import input_pipeline
+from dreambooth_jax.evaluation import prompts as eval_prompts
 from dreambooth_jax.errors import DreamBoothDataError
 
 SOURCE_URL = "https://github.com/google/dreambooth"
