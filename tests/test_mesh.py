@@ -25,7 +25,7 @@ def _config():
   config.data.resolution = 32
   config.train.batch_size = 4
   config.train.learning_rate = 1e-3
-  config.train.adam_eps = 1e-4  # updates smooth in the gradient (see test_train_step.py)
+  config.train.adam_eps = 1e-4  # updates smooth in the gradient (see training/test_step.py)
   return config
 
 
