@@ -25,8 +25,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dreambooth_jax import (cli_errors, config_check, demo_data, frozen_cache, input_pipeline,
-                            models, prefetch, sharding, train_step)
+from dreambooth_jax import cli_errors, models, sharding
+from dreambooth_jax.data import demo_data, frozen_cache, input_pipeline, prefetch
+from dreambooth_jax.training import config_check, step as train_step
 
 FLAGS = flags.FLAGS
 

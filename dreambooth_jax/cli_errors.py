@@ -7,13 +7,11 @@ checkpoint write, workdir held by another run). 143: stopped on SIGTERM with its
 import contextlib
 import sys
 
-from dreambooth_jax import (checkpoints, config_check, input_pipeline, models, preemption,
-                            sharding, train_step, workdir_lock)
+from dreambooth_jax import errors
+from dreambooth_jax.training import preemption
 
-INPUT_ERRORS = (config_check.ConfigError, input_pipeline.DataError, models.ModelLoadError,
-                sharding.MeshError)
-RUN_ERRORS = (train_step.NonFiniteLossError, checkpoints.CheckpointError,
-              workdir_lock.WorkdirLockedError)
+INPUT_ERRORS = (errors.ConfigError, errors.DataError, errors.ModelLoadError, errors.MeshError)
+RUN_ERRORS = (errors.NonFiniteLossError, errors.CheckpointError, errors.WorkdirLockedError)
 
 
 @contextlib.contextmanager
@@ -26,6 +24,6 @@ def one_line_errors():
   except RUN_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  except preemption.Preempted as e:
+  except errors.Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)
     sys.exit(preemption.EXIT_CODE)

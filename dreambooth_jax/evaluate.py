@@ -24,10 +24,11 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from dreambooth_jax import (atomic_files, cli_errors, compilation_cache, demo_data,
-                            dreambooth_dataset, eval_features, eval_metrics, eval_prompts,
-                            input_pipeline, models, sampling, sharding)
-from dreambooth_jax.models import schedulers
+from dreambooth_jax import atomic_files, cli_errors, compilation_cache, errors, models, sharding
+from dreambooth_jax.data import demo_data, input_pipeline
+from dreambooth_jax.evaluation import (dreambooth_dataset, features as eval_features,
+                                       metrics as eval_metrics, prompts as eval_prompts)
+from dreambooth_jax.models import sampling, schedulers
 
 FLAGS = flags.FLAGS
 
@@ -200,7 +201,7 @@ def main(argv):
       real = [input_pipeline.load_image(path, None) for path in
               input_pipeline.list_images(real_dir, "--real_dir")]
       if not real:
-        raise input_pipeline.DataError(f"--real_dir: {FLAGS.real_dir} holds no images")
+        raise errors.DataError(f"--real_dir: {FLAGS.real_dir} holds no images")
       class_name, live = FLAGS.class_name, FLAGS.live
     templates = eval_prompts.LIVE_PROMPTS if live else eval_prompts.OBJECT_PROMPTS
     templates = templates[:FLAGS.num_prompts or len(templates)]

@@ -81,7 +81,8 @@ def placeholder_data(config, components, num_devices: int):
   """Training data of the run's layout (pixels or cached latents, ids or cached embeddings)
   holding zeros: its batches have the shapes and dtypes of the real ones."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from dreambooth_jax import frozen_cache, input_pipeline  # pylint: disable=g-import-not-at-top
+  from dreambooth_jax.data import frozen_cache  # pylint: disable=g-import-not-at-top
+  from dreambooth_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   size = config.data.resolution
   images = [np.zeros((size, size, 3), np.uint8)]
   with_prior = config.train.with_prior_preservation
@@ -108,7 +109,8 @@ def plan(config, architecture: str, devices=None) -> dict[str, Any]:
   """Compiles the train step for abstract inputs; returns per-device memory and FLOPs."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from dreambooth_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
+  from dreambooth_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dreambooth_jax.training import step as train_step  # pylint: disable=g-import-not-at-top
   from dreambooth_jax.models import pipeline  # pylint: disable=g-import-not-at-top
   configs = architecture_configs(architecture)
   components, params = abstract_pipeline(configs, config.model.dtype,

@@ -12,7 +12,8 @@ logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 def _drop_orbax_info(record) -> bool:
   """Orbax logs every save step at INFO through absl; keep its warnings and errors only.
 
-  Also drops its warning that our single-host array handler (checkpoints.py) replaces its own.
+  Also drops its warning that our single-host array handler (training/checkpoints.py) replaces
+  its own.
   """
   if "/orbax/" not in record.pathname:
     return True

@@ -11,8 +11,8 @@ import sys
 
 from absl import app, flags
 
-from dreambooth_jax import cli_errors, compilation_cache, models, sampling, sharding
-from dreambooth_jax.models import schedulers
+from dreambooth_jax import cli_errors, compilation_cache, models, sharding
+from dreambooth_jax.models import sampling, schedulers
 
 FLAGS = flags.FLAGS
 

@@ -17,14 +17,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dreambooth_jax.errors import MeshError
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # a batch's rows are split over every device
 MIN_FSDP_SIZE = 2**14  # arrays with fewer elements stay replicated (biases, norms, counters)
-
-
-class MeshError(ValueError):
-  """A mesh shape that does not match the devices; the message names the config fields."""
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, data: int = 0,

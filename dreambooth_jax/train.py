@@ -18,10 +18,12 @@ import ml_collections
 from absl import logging
 from tqdm import tqdm
 
-from dreambooth_jax import (atomic_files, checkpoints, class_images, config_check, demo_data,
-                            distributed, faults, frozen_cache, identifiers, input_pipeline, metric_writer,
-                            models, prefetch, preemption, sampling, sharding, train_step,
-                            workdir_lock)
+from dreambooth_jax import atomic_files, distributed, errors, failpoints, models, sharding
+from dreambooth_jax.data import (class_images, demo_data, frozen_cache, identifiers, input_pipeline,
+                                 prefetch)
+from dreambooth_jax.models import sampling
+from dreambooth_jax.training import (checkpoints, config_check, metric_writer, preemption,
+                                     step as train_step, workdir_lock)
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str, write: bool = True) -> None:
@@ -50,7 +52,7 @@ def stop_if_nonfinite(state: train_step.TrainState, train_config,
   count, first = jax.device_get((state.nonfinite_steps, state.first_nonfinite_step))
   if count:
     kept = manager.latest_step()
-    raise train_step.NonFiniteLossError(
+    raise errors.NonFiniteLossError(
         f"non-finite loss or gradient at step {int(first)}; stopped without saving it. Newest "
         f"good checkpoint: {'step ' + str(kept) if kept is not None else 'none'}. Lower "
         "train.learning_rate, or set train.skip_nonfinite_steps=true to skip such steps")
@@ -142,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
                                   total=train_config.steps, desc="train", unit="step"), batches):
         state, metrics = step_fn(state, step_frozen, batch)
         done = step + 1
-        faults.at("step", done)
+        failpoints.at("step", done)
         if done % config.log.every_steps == 0 or done == train_config.steps:
           scalars = jax.device_get(metrics)
           now = time.perf_counter()
@@ -166,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         if preempted:
           checkpoints.wait(manager)
           writer.flush()
-          raise preemption.Preempted(
+          raise errors.Preempted(
               f"stopped at step {done} of {train_config.steps} on SIGTERM; checkpoint saved "
               f"in {manager.directory}; rerun the same command to resume")
       stop_if_nonfinite(state, train_config, manager)

@@ -27,7 +27,8 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 
 from tests import suite_cost  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import tiny as tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
-from dreambooth_jax import demo_data, models  # noqa: E402  pylint: disable=g-import-not-at-top
+from dreambooth_jax import models  # noqa: E402  pylint: disable=g-import-not-at-top
+from dreambooth_jax.data import demo_data  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def pytest_configure(config):

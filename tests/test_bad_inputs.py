@@ -6,7 +6,7 @@ class images) and before anything is written to the workdir. Images that can be 
 conversion (CMYK, RGBA, 16-bit, grayscale) or an upscale train, with a warning naming each file.
 A batch that does not fill the devices is padded with zero-weight rows.
 
-The unit-level checks live in test_config_check.py and test_input_pipeline.py; here every case
+The unit-level checks live in test_config_check.py and data/test_input_pipeline.py; here every case
 goes through the whole entry point, so a check that exists but runs too late is caught.
 """
 
@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_jax import class_images, config_check, input_pipeline, models, train
+from dreambooth_jax import models, train
+from dreambooth_jax.data import class_images, input_pipeline
+from dreambooth_jax.training import config_check
 from tests import conftest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -300,7 +302,7 @@ def test_convertible_images_train_with_a_warning_each(tiny_dir, tmp_path, monkey
                    "gray.png": "L", "small.png": "RGB", "plain.png": "RGB"}
 
   # Batch padding (README "Batch padding"). DreamBoothData's padding itself is unit-tested in
-  # test_input_pipeline.py (test_batch_with_prior_padded_to_8: batch 2 + 2 prior -> 8 rows;
+  # data/test_input_pipeline.py (test_batch_with_prior_padded_to_8: batch 2 + 2 prior -> 8 rows;
   # test_batch_padding_rounds_up_to_multiple: batch 3 + 3 prior -> 8 rows, 6 weighted); here we
   # check that the trainer pads to the device count: batch 1 + 1 prior on 8 devices -> 8 rows.
   made = []

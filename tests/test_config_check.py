@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from dreambooth_jax import config_check
-from dreambooth_jax.config_check import ConfigError
+from dreambooth_jax.training import config_check
+from dreambooth_jax.training.config_check import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

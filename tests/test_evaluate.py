@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_jax import eval_features, eval_metrics, eval_prompts, evaluate
+from dreambooth_jax import evaluate
+from dreambooth_jax.evaluation import (features as eval_features, metrics as eval_metrics,
+                                       prompts as eval_prompts)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = eval_features.TINY_RANDOM

@@ -24,8 +24,9 @@ import jax
 import numpy as np
 import pytest
 
-from dreambooth_jax import (checkpoints, config_check, faults, input_pipeline, models, preemption,
-                            train, train_step, workdir_lock)
+from dreambooth_jax import errors, failpoints, models, train
+from dreambooth_jax.data import input_pipeline
+from dreambooth_jax.training import checkpoints, config_check, preemption, workdir_lock
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,9 +50,9 @@ def _command(workdir, flags):
 
 
 def _env(fault=None):
-  env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+  env = {k: v for k, v in os.environ.items() if k != failpoints.ENV}
   if fault:
-    env[faults.ENV] = fault
+    env[failpoints.ENV] = fault
   return env
 
 
@@ -229,7 +230,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(straight_run, smal
                                                                tmp_path, monkeypatch):
   workdir = str(tmp_path / "full")
   small_config.checkpoint.max_to_keep = 1  # so that the old checkpoint is the only copy
-  monkeypatch.setenv(faults.ENV, "checkpoint_commit:6:enospc")
+  monkeypatch.setenv(failpoints.ENV, "checkpoint_commit:6:enospc")
   with pytest.raises(checkpoints.CheckpointError) as error:
     train.train_and_evaluate(small_config, workdir)
   message = str(error.value)
@@ -238,7 +239,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(straight_run, smal
   assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
   assert not os.path.exists(os.path.join(workdir, "export"))
 
-  monkeypatch.delenv(faults.ENV)  # space freed: the same command resumes from step 3
+  monkeypatch.delenv(failpoints.ENV)  # space freed: the same command resumes from step 3
   state = jax.device_get(train.train_and_evaluate(small_config, workdir))
   jax.tree.map(np.testing.assert_array_equal, state, straight_run[1])
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
@@ -261,7 +262,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_good_checkpoint(
     small_config, tmp_path, monkeypatch):
   workdir = str(tmp_path / "nan")
   _nan_at_step(monkeypatch, 5)
-  with pytest.raises(train_step.NonFiniteLossError, match=r"non-finite loss or gradient at step "
+  with pytest.raises(errors.NonFiniteLossError, match=r"non-finite loss or gradient at step "
                      r"5; stopped without saving it\. Newest good checkpoint: step 3\."):
     train.train_and_evaluate(small_config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
@@ -351,7 +352,8 @@ def test_lock_is_exclusive_and_released(tmp_path):
 
 
 def test_sigterm_during_class_images_stops_after_the_batch_in_flight(tiny, tmp_path):
-  from dreambooth_jax import class_images, preemption, sharding  # pylint: disable=g-import-not-at-top
+  from dreambooth_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dreambooth_jax.data import class_images  # pylint: disable=g-import-not-at-top
   components, params = tiny
   mesh = sharding.make_mesh()
   config = conftest.make_small_config("unused", "unused")
@@ -361,7 +363,7 @@ def test_sigterm_during_class_images_stops_after_the_batch_in_flight(tiny, tmp_p
     asked.append(True)
     return len(asked) > 1
 
-  with pytest.raises(preemption.Preempted, match="with 2 still missing; rerun"):
+  with pytest.raises(errors.Preempted, match="with 2 still missing; rerun"):
     class_images.ensure_class_images(
         str(tmp_path), 10, config.data.class_prompt, components,
         sharding.put_replicated(params, mesh), mesh, 32, config.class_images, config.seed,

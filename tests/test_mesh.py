@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from configs import common
-from dreambooth_jax import checkpoints, frozen_cache, sharding, train_step
+from dreambooth_jax import sharding
+from dreambooth_jax.data import frozen_cache
+from dreambooth_jax.training import checkpoints, step as train_step
 
 SHAPES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 
@@ -23,7 +25,7 @@ def _config():
   config.data.resolution = 32
   config.train.batch_size = 4
   config.train.learning_rate = 1e-3
-  config.train.adam_eps = 1e-4  # updates smooth in the gradient (see test_train_step.py)
+  config.train.adam_eps = 1e-4  # updates smooth in the gradient (see training/test_step.py)
   return config
 
 

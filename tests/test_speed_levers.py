@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs import common
-from dreambooth_jax import frozen_cache, models, prefetch, sharding, train_step
+from dreambooth_jax import models, sharding
+from dreambooth_jax.data import frozen_cache, prefetch
+from dreambooth_jax.training import step as train_step
 
 
 def _images(seed, count, size=32):
@@ -25,7 +27,7 @@ def _config(**train):
   config.train.learning_rate = 1e-3
   config.train.prior_loss_weight = 0.5
   # A larger Adam eps keeps the update a smooth function of the gradient, so that float
-  # rounding of near-zero gradients cannot flip an update's sign (see test_train_step.py).
+  # rounding of near-zero gradients cannot flip an update's sign (see training/test_step.py).
   config.train.adam_eps = 1e-4
   for name, value in train.items():
     config.train[name] = value

@@ -8,7 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from dreambooth_jax import demo_data, input_pipeline, models, toyworld
+from dreambooth_jax import models, toyworld
+from dreambooth_jax.data import demo_data, input_pipeline
 from dreambooth_jax.toyworld import pretrain, world
 
 # A pretraining run cut down to seconds: a few steps of each stage on a few pictures, with

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_jax import checkpoints, input_pipeline, models, train
+from dreambooth_jax import models, train
+from dreambooth_jax.data import input_pipeline
+from dreambooth_jax.training import checkpoints
 from dreambooth_jax.toyworld import pretrain
 from tests import conftest
 

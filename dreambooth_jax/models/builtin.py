@@ -3,7 +3,9 @@ toy-world model (the demo) and random weights of a shipped architecture (speed a
 measurements at real sizes).
 
 Each is a diffusers-layout folder of PyTorch safetensors, exactly as a hub repo holds one, so
-the code that loads them is the code that loads a user's model.
+the code that loads them is the code that loads a user's model. That code starts here: this
+module resolves any model.pretrained (builtin name, local folder, hub id, single file) and loads
+it through pipeline.py, which knows no builtin names (so the two import one way).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from typing import Any
 
 from dreambooth_jax import build_cache, toyworld
+from dreambooth_jax.errors import ModelLoadError
 from dreambooth_jax.models import pipeline, tokenizer as tokenizers
 
 PREFIX = "builtin:"
@@ -55,7 +59,7 @@ def tiny_text_config(vocab_size: int, max_positions: int = 77) -> dict:
 
 def check(pretrained: str) -> None:
   if pretrained not in MODELS:
-    raise pipeline.ModelLoadError(f"model.pretrained: unknown builtin model {pretrained!r}; "
+    raise ModelLoadError(f"model.pretrained: unknown builtin model {pretrained!r}; "
                                   f"choose one of {', '.join(MODELS)}")
 
 
@@ -84,9 +88,40 @@ def check_pretrained(pretrained: str) -> None:
     check(pretrained)
   elif pretrained.endswith(".safetensors") and os.path.exists(pretrained):
     if not os.path.isfile(pretrained):
-      raise pipeline.ModelLoadError(f"model.pretrained: {pretrained} is not a file")
+      raise ModelLoadError(f"model.pretrained: {pretrained} is not a file")
   elif os.path.exists(pretrained) or not pipeline.is_hub_id(pretrained):
     pipeline.check_pipeline_dir(resolve_pretrained(pretrained))
+
+
+def load_pretrained(pretrained: str, revision: str | None = None, dtype: str = "float32",
+                    attention: str = "xla", variant: str | None = None,
+                    single_file_config: str | None = None
+                    ) -> tuple[pipeline.Components, dict[str, Any]]:
+  """Returns our modules and float32 params {'unet', 'vae', 'text_encoder'} of a builtin name,
+  a local diffusers folder, a hub id or a single-file checkpoint (whose architecture is the
+  shipped one of its family, or that of the diffusers folder `single_file_config`)."""
+  if pipeline.is_single_file(pretrained):
+    return pipeline.load_single_file(pretrained, dtype, attention, single_file_config)
+  directory = resolve_pretrained(pretrained, revision, variant)
+  pipeline.check_pipeline_dir(directory, variant)
+  try:
+    tokenizer = tokenizers.ClipTokenizer.from_directory(os.path.join(directory, "tokenizer"))
+  except (OSError, ValueError) as e:
+    raise ModelLoadError(f"model.pretrained: {directory}/tokenizer: {e}") from None
+  components = pipeline.build_components(pipeline.read_configs(directory), tokenizer, dtype,
+                                         attention)
+  references = components.abstract_params()
+  params = {name: pipeline.load_component_params(directory, name, references[name], variant)
+            for name in pipeline.WEIGHTED}
+  return components, params
+
+
+def load_configured(model_config) -> tuple[pipeline.Components, dict[str, Any]]:
+  """load_pretrained with a config's model.* fields."""
+  return load_pretrained(model_config.pretrained, model_config.revision or None,
+                         model_config.dtype, pipeline.configured_attention(model_config),
+                         model_config.variant or None,
+                         model_config.single_file_config or None)
 
 
 def load_tokenizer(pretrained: str, revision: str | None = None) -> tokenizers.ClipTokenizer:
@@ -100,7 +135,7 @@ def load_tokenizer(pretrained: str, revision: str | None = None) -> tokenizers.C
   tokenizer_dir = os.path.join(directory, "tokenizer")
   if not any(os.path.isfile(os.path.join(tokenizer_dir, f))
              for f in ("vocab.json", "tokenizer.json")):
-    raise pipeline.ModelLoadError(f"model.pretrained: {directory} has no tokenizer/vocab.json")
+    raise ModelLoadError(f"model.pretrained: {directory} has no tokenizer/vocab.json")
   return tokenizers.ClipTokenizer.from_directory(tokenizer_dir)
 
 

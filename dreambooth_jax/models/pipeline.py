@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dreambooth_jax import faults, sharding
+from dreambooth_jax import failpoints, sharding
+from dreambooth_jax.errors import ModelLoadError, WeightsError
 from dreambooth_jax.models import (clip_text, schedulers, single_file, tokenizer as tokenizers,
                                    unet as unet_lib, vae as vae_lib, weights)
 
@@ -43,10 +44,6 @@ _TORCH_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"),
 # Flax-only keys of configs that our earlier (Flax) exports wrote; PyTorch does not take them.
 _FLAX_ONLY_KEYS = ("use_memory_efficient_attention", "split_head_dim", "dtype")
 DIFFUSERS_VERSION = "0.39.0"  # the config format we write, read by every later release
-
-
-class ModelLoadError(ValueError):
-  """A pretrained model that cannot be used; the message names the path and the part."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +134,7 @@ def build_components(configs: dict[str, dict[str, Any]], tokenizer: tokenizers.C
 
 
 # --------------------------------------------------------------------------------------------
-# Finding a model: builtin names, local folders, hub ids, single files.
+# Finding a model: local folders, hub ids, single files (builtin names: builtin.py).
 
 def is_hub_id(name: str) -> bool:
   return not name.startswith((".", "/", "~")) and name.count("/") == 1
@@ -187,7 +184,7 @@ def _component_weights(directory: str, component: str, variant: str | None) -> s
   component_dir = os.path.join(directory, component)
   try:
     return weights.find_weights(component_dir, weights.WEIGHT_FILES[component], variant)
-  except weights.WeightsError:
+  except WeightsError:
     flax_file = os.path.join(component_dir, _FLAX_FILES[component])
     if variant is None and os.path.isfile(flax_file):
       return flax_file
@@ -266,31 +263,8 @@ def load_component_params(directory: str, component: str, reference: Any,
     return _to_float32(load_flax_msgpack(path, reference))
   try:
     return weights.torch_to_flax(weights.load_state_dict(path), reference, path, component)
-  except weights.WeightsError as e:
+  except WeightsError as e:
     raise ModelLoadError(f"model.pretrained: {e}") from None
-
-
-def load_pretrained(pretrained: str, revision: str | None = None, dtype: str = "float32",
-                    attention: str = "xla", variant: str | None = None,
-                    single_file_config: str | None = None
-                    ) -> tuple[Components, dict[str, Any]]:
-  """Returns our modules and float32 params {'unet', 'vae', 'text_encoder'} of a builtin name,
-  a local diffusers folder, a hub id or a single-file checkpoint (whose architecture is the
-  shipped one of its family, or that of the diffusers folder `single_file_config`)."""
-  from dreambooth_jax.models import builtin  # pylint: disable=g-import-not-at-top
-  if is_single_file(pretrained):
-    return load_single_file(pretrained, dtype, attention, single_file_config)
-  directory = builtin.resolve_pretrained(pretrained, revision, variant)
-  check_pipeline_dir(directory, variant)
-  try:
-    tokenizer = tokenizers.ClipTokenizer.from_directory(os.path.join(directory, "tokenizer"))
-  except (OSError, ValueError) as e:
-    raise ModelLoadError(f"model.pretrained: {directory}/tokenizer: {e}") from None
-  components = build_components(read_configs(directory), tokenizer, dtype, attention)
-  references = components.abstract_params()
-  params = {name: load_component_params(directory, name, references[name], variant)
-            for name in WEIGHTED}
-  return components, params
 
 
 def load_single_file(path: str, dtype: str = "float32", attention: str = "xla",
@@ -318,7 +292,7 @@ def load_single_file(path: str, dtype: str = "float32", attention: str = "xla",
   for name in WEIGHTED:
     try:
       params[name] = weights.torch_to_flax(state_dicts[name], references[name], path, name)
-    except weights.WeightsError as e:
+    except WeightsError as e:
       raise ModelLoadError(f"model.pretrained: {e}") from None
   return components, params
 
@@ -337,14 +311,6 @@ def _family_tokenizer(path: str) -> tokenizers.ClipTokenizer:
 def configured_attention(model_config) -> str:
   """model.attention, with the older switch model.memory_efficient_attention=true → chunked."""
   return "chunked" if model_config.memory_efficient_attention else model_config.attention
-
-
-def load_configured(model_config) -> tuple[Components, dict[str, Any]]:
-  """load_pretrained with a config's model.* fields."""
-  return load_pretrained(model_config.pretrained, model_config.revision or None,
-                         model_config.dtype, configured_attention(model_config),
-                         model_config.variant or None,
-                         model_config.single_file_config or None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +382,7 @@ def export_pipeline(components: Components, params: dict[str, Any], out_dir: str
   tmp_dir = out_dir.rstrip("/") + ".tmp"
   shutil.rmtree(tmp_dir, ignore_errors=True)
   write_pipeline_dir(components, host_params, tmp_dir, fp16_variant)
-  faults.at("export", 0)
+  failpoints.at("export", 0)
   old_dir = out_dir.rstrip("/") + ".old"
   shutil.rmtree(old_dir, ignore_errors=True)
   if os.path.exists(out_dir):

@@ -28,6 +28,8 @@ from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file as _safetensors_save_file
 
+from dreambooth_jax.errors import WeightsError
+
 COMPONENTS = ("unet", "vae", "text_encoder")
 
 # Weight files per component, in order of preference: what diffusers / transformers write.
@@ -64,10 +66,6 @@ _LIST_ENTRY = re.compile(r"^(.*\D)_(\d+)$")  # Flax's name_N for PyTorch's name.
 _FLAX_TO_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight",
                        "bias": "bias"}
 _SAVE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-
-
-class WeightsError(ValueError):
-  """A weights file that does not fit the model; the one-line message names the file and key."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ import ml_collections
 import numpy as np
 
 from configs import demo
-from dreambooth_jax import atomic_files, models, sampling, sharding, train
+from dreambooth_jax import atomic_files, models, sharding, train
+from dreambooth_jax.models import sampling
 from dreambooth_jax.toyworld import judges as judges_lib
 from dreambooth_jax.toyworld import world
 

@@ -43,7 +43,8 @@ import numpy as np
 import optax
 from PIL import Image
 
-from dreambooth_jax import atomic_files, eval_metrics
+from dreambooth_jax import atomic_files
+from dreambooth_jax.evaluation import metrics as eval_metrics
 from dreambooth_jax.toyworld import world
 
 JUDGE_SIZE = 32

@@ -13,7 +13,7 @@ DreamBooth demo needs no pretraining.
 Stage 1 trains the autoencoder (32x32 pixels <-> 8x8x4 latents: L1 reconstruction plus a small
 KL term), then sets its `scaling_factor` to 1 / std of the training latents, as in SD. Stage 2
 trains the UNet and the text encoder jointly from scratch with the ε-prediction diffusion loss
-of `train_step` (min-SNR-5 weighted), on latents encoded once, with an exponential moving
+of `training/step.py` (min-SNR-5 weighted), on latents encoded once, with an exponential moving
 average of both that is what gets exported. Each step re-draws every picture's caption from its
 attributes: size, colour and scene each left out with probability 1/4, and 1 caption in 10
 empty, for classifier-free guidance. The tokenizer keeps every world word, a few words a user
@@ -45,14 +45,15 @@ import optax
 from tqdm import tqdm
 
 from configs import common
-from dreambooth_jax import (atomic_files, input_pipeline, models, sampling, sharding,
-                            train_step)
+from dreambooth_jax import atomic_files, errors, models, sharding
 from dreambooth_jax import toyworld
-from dreambooth_jax.models import builtin, pipeline
+from dreambooth_jax.data import input_pipeline
+from dreambooth_jax.models import builtin, pipeline, sampling
 from dreambooth_jax.models import vae as vae_lib
 from dreambooth_jax.models.tokenizer import ClipTokenizer
 from dreambooth_jax.toyworld import judges as judges_lib
 from dreambooth_jax.toyworld import world
+from dreambooth_jax.training import step as train_step
 
 DEFAULT_DIR = toyworld.PRETRAINED_DIR
 QUALITY_FILE = "quality.json"
@@ -382,7 +383,7 @@ def train_diffusion(components: models.Components, params: dict[str, Any],
       if done % s.log_every == 0 or done == s.steps:
         loss = float(metrics["loss"])
         if not np.isfinite(loss):
-          raise train_step.NonFiniteLossError(f"stage 2: loss {loss} at step {done}")
+          raise errors.NonFiniteLossError(f"stage 2: loss {loss} at step {done}")
         losses.append(loss)
         bar.update(done - bar.n)
         bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from dreambooth_jax import models, sampling, sharding
-from dreambooth_jax.models import pipeline, weights
+from dreambooth_jax import models, sharding
+from dreambooth_jax.models import pipeline, sampling, weights
 
 PROMPT = "a photo of sks toy"
 

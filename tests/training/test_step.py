@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from configs import common
-from dreambooth_jax import input_pipeline, sharding, train_step
+from dreambooth_jax import sharding
+from dreambooth_jax.data import input_pipeline
+from dreambooth_jax.training import step as train_step
 from dreambooth_jax.models import schedulers
 
 LAMBDA = 0.5

@@ -24,7 +24,7 @@ from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokeniz
 from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-from dreambooth_jax import eval_features, eval_metrics
+from dreambooth_jax.evaluation import features as eval_features, metrics as eval_metrics
 from dreambooth_jax.models import ModelLoadError
 
 RNG = np.random.default_rng(0)

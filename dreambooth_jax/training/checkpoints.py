@@ -12,16 +12,13 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from dreambooth_jax import faults
-from dreambooth_jax.train_step import TrainState
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint could not be written; the message names the step and the kept checkpoint."""
+from dreambooth_jax import failpoints
+from dreambooth_jax.errors import CheckpointError
+from dreambooth_jax.training.step import TrainState
 
 
 def _install_commit_fault() -> None:
-  """Lets DREAMBOOTH_JAX_FAULT stop a save after its files are written, before the rename."""
+  """Lets DREAMBOOTH_JAX_FAILPOINTS stop a save after its files are written, before the rename."""
   from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
   finalize = atomicity.AtomicRenameTemporaryPath.finalize
   if getattr(finalize, "with_fault", False):
@@ -30,7 +27,7 @@ def _install_commit_fault() -> None:
   async def finalize_with_fault(self, *args, **kwargs):
     name = self._final_path.name  # pylint: disable=protected-access
     if name.isdigit():  # the step folder, not one of the items inside it
-      faults.at("checkpoint_commit", int(name))
+      failpoints.at("checkpoint_commit", int(name))
     return await finalize(self, *args, **kwargs)
 
   finalize_with_fault.with_fault = True
@@ -38,7 +35,7 @@ def _install_commit_fault() -> None:
 
 
 def make_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
-  if faults.enabled():
+  if failpoints.enabled():
     _install_commit_fault()
   if jax.process_count() == 1:
     # Replica-parallel writing splits each replicated array over its replicas so that several

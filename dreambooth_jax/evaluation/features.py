@@ -2,7 +2,7 @@
 
 Each loader takes a hub id or a local directory and returns an object whose calls take uint8
 RGB images (an [N, H, W, 3] array, or a list of [H, W, 3] arrays of any sizes) and return numpy
-arrays; `eval_metrics` turns those into the paper's scores. Preprocessing runs on the host with
+arrays; `metrics` turns those into the paper's scores. Preprocessing runs on the host with
 PIL (as the Hugging Face image processors do), the networks run jitted in fixed-size batches
 (a short last batch is padded to a power of two, so a few sizes compile at most).
 
@@ -61,8 +61,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dreambooth_jax import build_cache, eval_metrics, models
-from dreambooth_jax.models import ModelLoadError, clip_text, clip_vision, vit, weights
+from dreambooth_jax import build_cache, models
+from dreambooth_jax.evaluation import metrics as eval_metrics
+from dreambooth_jax.errors import ModelLoadError, WeightsError
+from dreambooth_jax.models import clip_text, clip_vision, vit, weights
 from dreambooth_jax.models.pipeline import load_flax_msgpack
 from dreambooth_jax.models.tokenizer import ClipTokenizer
 
@@ -238,7 +240,7 @@ def _load_transformers(name_or_dir: str, what: str, model_type: str, revision: s
       state_dict = {k: v for k, v in weights.load_state_dict(path).items()
                     if not k.startswith(tuple(f"{name}." for name in _UNUSED_SUBTREES))}
       params = weights.torch_to_flax(state_dict, reference, path, "plain")
-  except (weights.WeightsError, ModelLoadError) as e:
+  except (WeightsError, ModelLoadError) as e:
     raise ModelLoadError(f"{what}: {str(e).removeprefix('model.pretrained: ')}") from None
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   return model, params, directory

@@ -24,10 +24,6 @@ PyTree = Any
 OFFSET_NOISE_STREAM = 3  # folded into an example's key for its offset noise
 
 
-class NonFiniteLossError(RuntimeError):
-  """A step's loss or gradient was NaN or Inf and train.skip_nonfinite_steps is off."""
-
-
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dreambooth_jax import atomic_files, input_pipeline, models, sharding
+from dreambooth_jax import atomic_files, models, sharding
 
 
 ANCESTRAL_NOISE_STREAM = 1  # folded into an image's key for the noise of ancestral steps
@@ -42,7 +42,7 @@ def make_sampler(components: models.Components, mesh: jax.sharding.Mesh, resolut
   sampler = components.sampler(scheduler_name, num_inference_steps)
   latent_size = resolution // components.vae_scale_factor
   latent_shape = (components.latent_channels, latent_size, latent_size)
-  uncond_ids = jnp.asarray(input_pipeline.tokenize(components.tokenizer, ""))
+  uncond_ids = jnp.asarray(components.tokenizer.encode([""])[0])
 
   def sample(params, prompt_ids, image_ids, seed):
     text = lambda ids: components.encode_text(params["text_encoder"], ids)
@@ -128,7 +128,7 @@ def make_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
 def sample_grid(sampler: Callable, params, mesh: jax.sharding.Mesh, tokenizer,
                 prompts: Sequence[str], num_images: int, seed: int) -> np.ndarray:
   """num_images per prompt in one sharded batch; image k of every prompt starts from noise k."""
-  ids = np.concatenate([np.repeat(input_pipeline.tokenize(tokenizer, prompt)[None], num_images, 0)
+  ids = np.concatenate([np.repeat(tokenizer.encode([prompt]), num_images, 0)
                         for prompt in prompts])
   images = generate(sampler, params, mesh, ids, list(range(num_images)) * len(prompts), seed)
   return images.reshape(len(prompts), num_images, *images.shape[1:])

@@ -14,11 +14,9 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dreambooth_jax.errors import DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-
-
-class DataError(ValueError):
-  """Unusable input data; the message names the file or directory."""
 
 
 def is_url(path: str) -> bool:

@@ -9,16 +9,14 @@ import re
 import ml_collections
 
 from configs import common
-from dreambooth_jax import demo_data, identifiers, input_pipeline, models
+from dreambooth_jax import models
+from dreambooth_jax.data import demo_data, identifiers, input_pipeline
+from dreambooth_jax.errors import ConfigError, DataError
 from dreambooth_jax.models import attention, schedulers
 
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-
-
-class ConfigError(ValueError):
-  """A config value or workdir that cannot work; the message names the field."""
 
 
 def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
@@ -152,7 +150,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if data.instance_dir not in demo_data.BUILTIN_INSTANCE_DIRS:
     try:
       paths = input_pipeline.list_images(data.instance_dir)
-    except input_pipeline.DataError as e:
+    except DataError as e:
       raise ConfigError(f"config.{e}") from e
     _require(bool(paths), "data.instance_dir",
              f"{data.instance_dir} holds no images ({', '.join(input_pipeline.IMAGE_EXTENSIONS)})")

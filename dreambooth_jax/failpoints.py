@@ -1,11 +1,14 @@
-"""Test-only fault injection, so the fault tests kill a run at an exact point, not by timing.
+"""Failpoints: test-only hooks that kill or fail a run at an exact point, not by timing.
 
-Set DREAMBOOTH_JAX_FAULT to comma-separated `<point>:<index>:<action>` items, e.g.
-`step:4:kill` (SIGKILL right after step 4 is dispatched). Points:
-  step                after the step that brings the state to <index> is dispatched
-  checkpoint_commit   when the checkpoint of step <index> is written but not yet committed
-  export              when export/ is written to its temporary folder but not yet renamed
-  class_image         when class image <index> is written to its .tmp file but not renamed
+Set DREAMBOOTH_JAX_FAILPOINTS to comma-separated `<point>:<index>:<action>` items, e.g.
+`step:4:kill` (SIGKILL right after step 4 is dispatched). The points, and where they are:
+  step                train.py: after the step that brings the state to <index> is dispatched
+  checkpoint_commit   training/checkpoints.py: when the checkpoint of step <index> is written
+                      but not yet committed
+  export              models/pipeline.py (export_pipeline): when export/ is written to its
+                      temporary folder but not yet renamed (index 0)
+  class_image         data/class_images.py: when class image <index> is written to its .tmp
+                      file but not yet renamed
 Actions: kill (SIGKILL), term (SIGTERM), hang (sleep until killed), enospc (raise "No space
 left on device"). Unset in normal runs, where `at` costs one dictionary lookup.
 """
@@ -18,7 +21,7 @@ import os
 import signal
 import time
 
-ENV = "DREAMBOOTH_JAX_FAULT"
+ENV = "DREAMBOOTH_JAX_FAILPOINTS"
 
 
 @functools.cache
@@ -32,7 +35,10 @@ def _faults(spec: str) -> dict[tuple[str, int], str]:
 
 def at(point: str, index: int) -> None:
   """Does the fault configured for (point, index), if any."""
-  action = _faults(os.environ.get(ENV, "")).get((point, int(index)))
+  spec = os.environ.get(ENV)
+  if not spec:
+    return
+  action = _faults(spec).get((point, int(index)))
   if action is None:
     return
   if action == "kill":

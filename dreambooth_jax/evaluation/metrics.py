@@ -1,6 +1,6 @@
 """The DreamBooth paper's evaluation metrics (Ruiz et al., arXiv 2208.12242, §4.1 and §4.3).
 
-Pure functions on embeddings or distances that `eval_features` computes, so every definition
+Pure functions on embeddings or distances that `features` computes, so every definition
 can be checked by hand. All work in float64 numpy and return a Python float:
 
 - DINO, CLIP-I (subject fidelity): mean cosine similarity over *every* (generated, real) pair of

@@ -15,8 +15,9 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from dreambooth_jax import (distributed, faults, input_pipeline, models, preemption, sampling,
-                            sharding)
+from dreambooth_jax import distributed, errors, failpoints, models, sharding
+from dreambooth_jax.data import input_pipeline
+from dreambooth_jax.models import sampling
 
 
 def missing_indices(class_dir: str, num_class_images: int) -> list[int]:
@@ -38,7 +39,7 @@ def ensure_class_images(class_dir: str, num_class_images: int, class_prompt: str
                         stop_requested: Callable[[], bool] = lambda: False) -> list[str]:
   """Generates what class_dir lacks; returns the first num_class_images image paths.
 
-  Raises preemption.Preempted between batches once stop_requested() is true.
+  Raises errors.Preempted between batches once stop_requested() is true.
   """
   if distributed.is_main():
     os.makedirs(class_dir, exist_ok=True)
@@ -57,7 +58,7 @@ def ensure_class_images(class_dir: str, num_class_images: int, class_prompt: str
     with tqdm(total=len(todo), desc="class images", unit="img") as progress:
       for start in range(0, len(todo), batch_size):
         if stop_requested():
-          raise preemption.Preempted(
+          raise errors.Preempted(
               f"stopped generating class images with {len(todo) - start} still missing; "
               "rerun the same command to make the rest")
         indices = todo[start:start + batch_size]
@@ -68,7 +69,7 @@ def ensure_class_images(class_dir: str, num_class_images: int, class_prompt: str
           if row < len(indices):
             index = indices[row]
             sampling.write_png(image, os.path.join(class_dir, f"class_{index:05d}.png"),
-                               before_commit=lambda i=index: faults.at("class_image", i))
+                               before_commit=lambda i=index: failpoints.at("class_image", i))
         progress.update(len(indices))
   distributed.barrier("class images: written")
   return input_pipeline.list_images(class_dir, "data.class_dir")[:num_class_images]

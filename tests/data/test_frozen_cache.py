@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from configs import common
-from dreambooth_jax import frozen_cache, input_pipeline, sharding, train_step
+from dreambooth_jax import sharding
+from dreambooth_jax.data import frozen_cache, input_pipeline
+from dreambooth_jax.training import step as train_step
 
 LAMBDA = 0.5
 

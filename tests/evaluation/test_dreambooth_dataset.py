@@ -11,9 +11,10 @@ from PIL import Image, ImageOps
 import pytest
 import tensorflow_datasets as tfds
 
-from dreambooth_jax import dreambooth_dataset, eval_prompts, input_pipeline
+from dreambooth_jax.data import input_pipeline
+from dreambooth_jax.evaluation import dreambooth_dataset, prompts as eval_prompts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Subjects of the fake copy and the colour of each of their two photos.
 FAKE = {"dog": ((200, 30, 30), (30, 200, 30)), "backpack": ((30, 30, 200), (220, 220, 40)),

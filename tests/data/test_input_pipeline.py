@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_jax import input_pipeline, models
-from dreambooth_jax.input_pipeline import DataError, DreamBoothData
+from dreambooth_jax import models
+from dreambooth_jax.data import input_pipeline
+from dreambooth_jax.data.input_pipeline import DataError, DreamBoothData
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,11 +17,9 @@ from typing import Iterator
 
 from absl import logging
 
+from dreambooth_jax.errors import WorkdirLockedError
+
 LOCK_NAME = "lock"
-
-
-class WorkdirLockedError(RuntimeError):
-  """Another live process is running in this workdir."""
 
 
 def _describe(holder: str) -> str:

@@ -4,7 +4,7 @@ The VAE is never trained, so each training image's latent distribution (mean and
 same at every step: it is encoded once, split over the devices, and each step samples its
 latent from the cached distribution with the same key the uncached step would use. Likewise,
 while the text encoder is frozen the two prompts always embed to the same vectors. Both are
-exact: the loss equals the uncached step's up to float rounding (tests/test_frozen_cache.py).
+exact: the loss equals the uncached step's up to float rounding (tests/data/test_frozen_cache.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from dreambooth_jax import input_pipeline, models, sharding
+from dreambooth_jax import models, sharding
+from dreambooth_jax.data import input_pipeline
 
 ROWS_PER_DEVICE = 4  # images encoded per device per call
 

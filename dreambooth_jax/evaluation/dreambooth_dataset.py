@@ -23,7 +23,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 import tensorflow_datasets as tfds
 
-from dreambooth_jax import eval_prompts, input_pipeline
+from dreambooth_jax.data import input_pipeline
+from dreambooth_jax.evaluation import prompts as eval_prompts
+from dreambooth_jax.errors import DreamBoothDataError
 
 SOURCE_URL = "https://github.com/google/dreambooth"
 METADATA_FILE = "prompts_and_classes.txt"
@@ -41,10 +43,6 @@ and manual_dir must be the clone's dataset/ folder (the one holding backpack/, d
 
 _HOW_TO_GET = (f"the DreamBooth dataset is read from a local copy: git clone {SOURCE_URL} and "
                "point manual_dir at its dataset/ folder")
-
-
-class DreamBoothDataError(input_pipeline.DataError):
-  """The local copy of the dataset is missing or unusable; the message names the path."""
 
 
 class SubjectImages(NamedTuple):

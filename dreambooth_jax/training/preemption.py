@@ -1,7 +1,7 @@
 """SIGTERM (a TPU VM maintenance event, `kill`, a scheduler) ends a run at a step boundary.
 
 The handler only records the request; the training loop finishes the step it is in, saves a
-checkpoint and raises Preempted, so the same command resumes from that step.
+checkpoint and raises errors.Preempted, so the same command resumes from that step.
 """
 
 from __future__ import annotations
@@ -11,10 +11,6 @@ import threading
 from types import FrameType
 
 EXIT_CODE = 143  # 128 + SIGTERM: what schedulers expect from a terminated job
-
-
-class Preempted(Exception):
-  """The run stopped early on request; its state is saved and it resumes when rerun."""
 
 
 class SigtermWatcher:

@@ -6,7 +6,9 @@ import sys
 import pytest
 
 from configs import common
-from dreambooth_jax import config_check, identifiers, models
+from dreambooth_jax import models
+from dreambooth_jax.data import identifiers
+from dreambooth_jax.training import config_check
 
 
 @pytest.fixture(scope="module")
