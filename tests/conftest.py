@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 
 # LLVM at -O1 instead of -O2: XLA's CPU compiles, single-threaded and most of the suite's time,
 # take 35% less and the tiny models' steps run no slower (measured, issue 20).
@@ -20,6 +21,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 # this process and in the CLI subprocesses (which inherit this environment).
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
+import filelock  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -78,12 +80,41 @@ def small_config(tiny_dir, instance_dir):
 
 
 @pytest.fixture(scope="session")
-def straight_run(tmp_path_factory, tiny_dir, instance_dir):
-  """(workdir, final state) of one uninterrupted small run: what every resumed run must equal."""
+def straight_run(tmp_path_factory, worker_id, tiny_dir, instance_dir):
+  """(workdir, final state) of one uninterrupted small run: what every resumed run must equal.
+
+  Under pytest-xdist the first worker to ask trains it and the others read its workdir and
+  pickled state (tests only read both).
+  """
   from dreambooth_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("straight"))
-  state = train.train_and_evaluate(make_small_config(tiny_dir, instance_dir), workdir)
-  return workdir, jax.device_get(state)
+  if worker_id == "master":  # no xdist
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    return workdir, jax.device_get(
+        train.train_and_evaluate(make_small_config(tiny_dir, instance_dir), workdir))
+  shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker
+  workdir, state_file = str(shared / "straight"), shared / "straight_state.pickle"
+  with filelock.FileLock(str(shared / "straight.lock")):
+    if not state_file.is_file():
+      state = jax.device_get(
+          train.train_and_evaluate(make_small_config(tiny_dir, instance_dir), workdir))
+      state_file.write_bytes(pickle.dumps(state))
+  return workdir, pickle.loads(state_file.read_bytes())
+
+
+# The slowest files first (cold seconds, issue 20), so that pytest-xdist's two workers start on
+# the long ones and finish together; test_faults and test_train go to the same worker, which
+# trains the straight run they share. The rest keep pytest's order.
+SLOW_FILES = ("test_faults.py", "training/test_step.py", "test_train.py",
+              "test_speed_levers.py", "test_multihost.py", "test_plan.py", "test_mesh.py",
+              "test_toyworld_pretrain.py", "test_toyworld_experiment.py", "models/test_unet.py",
+              "models/test_pipeline.py", "test_bad_inputs.py", "data/test_frozen_cache.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    path = item.nodeid.split("::")[0].removeprefix("tests/")
+    return SLOW_FILES.index(path) if path in SLOW_FILES else len(SLOW_FILES)
+  items.sort(key=rank)  # stable: each file's tests keep their order
 
 
 def metric_rows(workdir: str) -> list[dict]:

@@ -26,7 +26,8 @@ def _flags(tiny_dir, instance_dir, steps):
 
 def _env(devices, cache):
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+             + conftest.TEST_XLA_FLAGS)
   return env
 
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_jax import models, train
+from tests import conftest
 from dreambooth_jax.data import input_pipeline
 from dreambooth_jax.training import checkpoints
 from dreambooth_jax.toyworld import pretrain
@@ -134,7 +135,8 @@ def test_demo_cli_end_to_end_then_sample_cli(tmp_path):
                      "--config.class_images.num_inference_steps=2",
                      "--config.sample.num_inference_steps=2", "--config.sample.num_images=2",
                      "--config.log.every_steps=5"],
-                    env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                    env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2 " +
+                                         conftest.TEST_XLA_FLAGS})
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"pipeline: {workdir}/export" in result.stderr
   assert [row["step"] for row in _rows(workdir)] == [4]  # log every 5, and the last step
