@@ -10,6 +10,7 @@ The unit-level checks live in test_config_check.py and data/test_input_pipeline.
 goes through the whole entry point, so a check that exists but runs too late is caught.
 """
 
+import json
 import os
 import pathlib
 import shutil
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_jax import models, train
+from dreambooth_jax import cli_errors, errors, models, train
 from dreambooth_jax.data import class_images, input_pipeline
 from dreambooth_jax.training import config_check
 from tests import conftest
@@ -143,6 +144,20 @@ def _model_dir_missing(config, tmp_path, tiny_dir):
   return (config_check.ConfigError, models.ModelLoadError), None, ("model.pretrained: ", missing)
 
 
+def _resolution_not_multiple_of_vae_factor(config, tmp_path, tiny_dir):
+  """A model whose VAE downsamples 16×: 40 px passes the multiple-of-8 rule, not this one."""
+  model = tmp_path / "model16"
+  shutil.copytree(tiny_dir, model)
+  vae_config = model / "vae" / "config.json"
+  settings = json.loads(vae_config.read_text())
+  settings["block_out_channels"] = [32] * 5
+  vae_config.write_text(json.dumps(settings))
+  config.model.pretrained = str(model)
+  config.data.resolution = 40
+  return config_check.ConfigError, "config.data.resolution: ", (
+      "40 is not a multiple of the VAE's downsampling factor 16",)
+
+
 CASES = {
     "instance_dir_missing": _missing_instance_dir,
     "instance_dir_empty": _empty_instance_dir,
@@ -150,6 +165,8 @@ CASES = {
     "not_an_image": _bad_image(_text_as_jpg),
     "truncated_jpeg": _bad_image(_truncated_jpeg),
     "resolution_not_multiple_of_8": _set("data", "resolution", 36),
+    "resolution_not_multiple_of_vae_factor": _resolution_not_multiple_of_vae_factor,
+    "cudnn_attention_off_gpu": _set("model", "attention", "cudnn"),
     "prior_loss_weight_negative": _set("train", "prior_loss_weight", -0.5),
     "steps_zero": _set("train", "steps", 0),
     "steps_negative": _set("train", "steps", -3, warmup_steps=0),
@@ -203,6 +220,7 @@ def _expect_bad_input(config, workdir: pathlib.Path, watched: pathlib.Path, star
   assert _snapshot(watched) == before, f"{watched} changed; raised {info.value!r}"
   assert not started, f"{started} ran; raised {info.value!r}"
   assert isinstance(info.value, error_types), repr(info.value)
+  assert isinstance(info.value, cli_errors.INPUT_ERRORS), repr(info.value)  # the CLI's exit 2
   message = str(info.value)
   assert "\n" not in message and "\r" not in message, message
   if prefix is not None:
@@ -362,3 +380,21 @@ def test_cli_truncated_jpeg(tmp_path):
   assert errors[0].startswith(f"error: {bad}: not a readable image"), errors[0]
   assert "Traceback" not in result.stderr
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("error,status", [
+    (errors.ConfigError("config.train.steps: must be >= 1, got 0"), 2),
+    (errors.DataError("/data/dog/a.jpg: not a readable image"), 2),
+    (errors.ModelLoadError("model.pretrained: /m is missing component 'unet'"), 2),
+    (errors.MeshError("config.mesh.data: 3 does not divide 8 devices"), 2),
+    (errors.NonFiniteLossError("non-finite loss or gradient at step 4"), 1),
+    (errors.CheckpointError("saving a checkpoint in /w failed (disk full)"), 1),
+    (errors.WorkdirLockedError("--workdir: /w is in use by pid 7 on host-a"), 1),
+])
+def test_each_error_ends_the_command_with_one_line_and_its_exit_status(error, status, capsys):
+  """The README's exit-status table, for the errors the CLI runs above reach only in-process."""
+  with pytest.raises(SystemExit) as info:
+    with cli_errors.one_line_errors():
+      raise error
+  assert info.value.code == status
+  assert capsys.readouterr().err == f"error: {error}\n"

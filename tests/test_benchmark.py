@@ -20,6 +20,7 @@ def test_benchmark_figures_of_the_small_config(small_config):
 @pytest.mark.parametrize("kind,flops", [("TPU v4", 275e12), ("TPU v5 lite", 197e12),
                                         ("TPU v5p", 459e12), ("TPU v6 lite", 918e12),
                                         ("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA H200", 989e12),
                                         ("NVIDIA A100-SXM4-40GB", 312e12), ("cpu", None)])
 def test_peak_flops_by_device_kind(kind, flops):
   assert benchmark.peak_flops(kind) == flops

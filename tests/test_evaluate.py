@@ -102,3 +102,12 @@ def test_real_dir_or_subject_is_required(tmp_path):
                           timeout=300, check=False)
   assert result.returncode == 1
   assert "give either --real_dir (with --class_name) or --subject" in result.stderr
+
+
+def test_the_identifier_is_the_one_the_run_recorded_beside_its_export(tmp_path):
+  """Not the default: a run that chose "zwx" is evaluated with "zwx" prompts."""
+  export = tmp_path / "run" / "export"
+  export.mkdir(parents=True)
+  assert evaluate.default_identifier(str(export)) == "sks"  # nothing recorded
+  (tmp_path / "run" / "prompts.json").write_text(json.dumps({"identifier": "zwx"}))
+  assert evaluate.default_identifier(str(export)) == "zwx"

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +27,8 @@ import pytest
 
 from dreambooth_jax import errors, failpoints, models, train
 from dreambooth_jax.data import input_pipeline
-from dreambooth_jax.training import checkpoints, config_check, preemption, workdir_lock
+from dreambooth_jax.training import (checkpoints, config_check, preemption, step as train_step,
+                                     workdir_lock)
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,12 +95,8 @@ def timeline(tmp_path_factory, tiny_dir, instance_dir, straight_run):
     try:
       line = holder.stdout.readline()  # blocks until the fault hook reports it is hanging
       seen["hang_line"] = line.strip()
-      second = conftest.make_small_config(tiny_dir, instance_dir)
-      try:
-        train.train_and_evaluate(second, workdir)
-        seen["second_run_error"] = None
-      except workdir_lock.WorkdirLockedError as e:
-        seen["second_run_error"] = str(e)
+      second = _run(workdir, flags)  # the same command, while the first one holds the lock
+      seen["second_run"] = dict(returncode=second.returncode, stderr=second.stderr)
       seen["holder_pid"] = holder.pid
       # Checkpoint 3's asynchronous save commits in the background while step 5 runs; kill
       # only once it has, so that the kill lands mid-step with exactly one checkpoint.
@@ -156,11 +154,15 @@ def test_kill_during_class_images_regenerates_only_the_missing_one(timeline, str
 
 
 def test_second_run_on_a_held_workdir_fails_naming_the_holder(timeline):
-  _, seen = timeline
+  """The CLI's own behaviour: exit status 1 and one error line, before any work."""
+  workdir, seen = timeline
   assert seen["hang_line"] == "fault: hanging at step:5"
-  error = seen["second_run_error"]
-  assert error is not None and "\n" not in error
-  assert f"is in use by pid {seen['holder_pid']} on " in error
+  second = seen["second_run"]
+  assert second["returncode"] == 1, second["stderr"][-3000:]
+  last_line = second["stderr"].strip().splitlines()[-1]
+  holder = f"pid {seen['holder_pid']} on {socket.gethostname()} (started "
+  assert last_line.startswith(f"error: --workdir: {workdir} is in use by {holder}"), last_line
+  assert "train:" not in second["stderr"]  # refused at once: no step, no progress bar
 
 
 def test_kill_during_a_step_keeps_the_last_checkpoint(timeline):
@@ -334,8 +336,14 @@ def test_more_steps_extend_a_finished_run(straight_run, small_config, tmp_path):
   small_config.train.steps = 7
   state = jax.device_get(train.train_and_evaluate(small_config, workdir))
   assert int(state.step) == 7
-  assert [row["step"] for row in _rows(workdir)] == [1, 2, 3, 4, 5, 6, 7]
+  rows = _rows(workdir)
+  assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6, 7]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6", "7"]
+  # The linear decay re-evaluated for 7 steps: step 7 runs at a fifth of the peak, where the
+  # 6-step schedule had already reached 0.
+  expected = float(train_step.make_schedule(small_config.train)(6))
+  assert expected == pytest.approx(small_config.train.learning_rate / 5, rel=1e-6)
+  assert rows[-1]["learning_rate"] == pytest.approx(expected, rel=1e-6)
   small_config.train.steps = 5
   with pytest.raises(config_check.ConfigError, match=r"config.train.steps: 5 is below step 7"):
     train.train_and_evaluate(small_config, workdir)

@@ -16,5 +16,6 @@ from dreambooth_jax.models.builtin import (MODELS as BUILTIN_MODELS, PREFIX as B
                                            TINY as BUILTIN_TINY, TINY_WORDS,
                                            TOYWORLD as BUILTIN_TOYWORLD, build_tiny_pipeline,
                                            check_pretrained, load_configured, load_pretrained,
-                                           load_tokenizer, resolve_pretrained, tiny_text_config)
+                                           load_tokenizer, local_vae_scale_factor,
+                                           resolve_pretrained, tiny_text_config)
 from dreambooth_jax.models.tokenizer import ClipTokenizer, build_word_tokenizer

@@ -93,6 +93,15 @@ def check_pretrained(pretrained: str) -> None:
     pipeline.check_pipeline_dir(resolve_pretrained(pretrained))
 
 
+def local_vae_scale_factor(pretrained: str) -> int | None:
+  """The VAE's pixels per latent of a builtin or local pipeline folder, read from its config
+  (no weights); None for a hub id or a single file."""
+  if not (pretrained.startswith(PREFIX) or os.path.isdir(pretrained)):
+    return None
+  vae_config = pipeline.read_configs(resolve_pretrained(pretrained))["vae"]
+  return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def load_pretrained(pretrained: str, revision: str | None = None, dtype: str = "float32",
                     attention: str = "xla", variant: str | None = None,
                     single_file_config: str | None = None

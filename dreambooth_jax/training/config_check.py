@@ -156,8 +156,26 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              f"{data.instance_dir} holds no images ({', '.join(input_pipeline.IMAGE_EXTENSIONS)})")
   try:
     models.check_pretrained(config.model.pretrained)
+    factor = models.local_vae_scale_factor(config.model.pretrained)
   except models.ModelLoadError as e:
     raise ConfigError(f"config.{e}") from e
+  # A hub id's factor is known only after its download; train.py checks it then.
+  _require(factor is None or data.resolution % factor == 0, "data.resolution",
+           f"{data.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+  _check_attention(config.model)
+
+
+def _check_attention(model: ml_collections.ConfigDict) -> None:
+  """cuDNN's flash attention exists only on GPUs and only for half precision."""
+  if model.attention != "cudnn":
+    return
+  import jax  # pylint: disable=g-import-not-at-top  (only here: the rest checks without jax)
+  backend = jax.default_backend()
+  _require(backend == "gpu", "model.attention",
+           f'"cudnn" needs a GPU, but the backend is {backend!r}; use "xla" or "chunked"')
+  _require(model.dtype in ("bfloat16", "float16"), "model.attention",
+           f'"cudnn" takes bfloat16 or float16, but model.dtype is {model.dtype!r}; set '
+           'model.dtype=bfloat16 or use "xla"')
 
 
 def check_workdir(workdir: str) -> None:

@@ -159,7 +159,7 @@ def test_builder_runs_without_tensorflow(tmp_path):
         print("no tensorflow")
       else:
         sys.exit(0)
-      from dreambooth_jax import dreambooth_dataset
+      from dreambooth_jax.evaluation import dreambooth_dataset
       images, class_noun, live = dreambooth_dataset.load_subject(
           {str(tmp_path / "tfds")!r}, {manual_dir!r}, "dog")
       assert len(images) == 2 and class_noun == "dog" and live
