@@ -2,8 +2,10 @@
 
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
+from absl import logging
 
 from configs import common
 from dreambooth_jax import models
@@ -96,3 +98,23 @@ def test_identifiers_cli_lists_candidates(tiny_dir):
   sks_id = models.load_tokenizer(tiny_dir).convert_tokens_to_ids("sks</w>")
   assert result.stdout.splitlines() == ["rank\ttoken_id\tidentifier", f"1\t{sks_id}\tsks"]
   assert "data.identifier=auto with seed=3 picks: sks" in result.stderr
+
+
+def test_auto_draws_from_the_50_rarest_by_default(tokenizer, monkeypatch):
+  """The README's "one of the 50 rarest", seen through a made-up ranking of 60 candidates."""
+  ranking = [identifiers.Candidate(f"w{k}", 1000 - k) for k in range(60)]
+  monkeypatch.setattr(identifiers, "rank_identifiers", lambda tokenizer, exclude: ranking)
+  picks = {identifiers.choose_identifier(tokenizer, seed) for seed in range(400)}
+  assert picks <= {f"w{k}" for k in range(50)}
+  assert picks & {f"w{k}" for k in range(40, 50)}  # the pool reaches the 50th
+
+
+def test_an_identifier_of_several_tokens_is_accepted_with_a_warning(tokenizer):
+  data = common.get_config().data
+  data.identifier, data.class_name = "sks toy", "dog"
+  with mock.patch.object(logging, "warning") as warning:
+    prompts = identifiers.resolve_prompts(data, tokenizer, seed=0)
+  assert prompts.identifier == "sks toy"
+  assert prompts.instance_prompt == "a photo of sks toy dog"
+  message = warning.call_args.args[0] % warning.call_args.args[1:]
+  assert message.startswith("data.identifier 'sks toy' is 2 tokens, not one")
