@@ -6,7 +6,8 @@ python -m dreambooth_jax.benchmark --config=configs/tiny.py [--devices=8] [--com
 The step is the one train.py runs (same caches, prefetching, jit, shardings and donation), fed
 random images of the configured resolution, so no class images are generated and nothing is
 written. Prints one `name: value` line per figure; --compare then prints a markdown table of
-s/step with each optimisation switched off (and each memory lever on), one at a time. It does
+s/step with each optimisation switched off (and each memory lever on), one at a time, and the
+floor under the step (the UNet's forward and backward pass and the optimizer update alone). It does
 not turn on the persistent compilation cache (unless $JAX_COMPILATION_CACHE_DIR is set), so
 compile times are real.
 """
@@ -22,6 +23,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -81,7 +83,50 @@ def synthetic_data(config: ml_collections.ConfigDict, components: models.Compone
                                     "a photo of dog")
 
 
-class StepTimer:
+class _Timer:
+  """Runs a compiled program step after step and reports its figures; subclasses compile."""
+
+  mesh: jax.sharding.Mesh
+  compiled: Any
+  compile_seconds: float
+  images_per_step: int
+
+  def _step(self) -> Any:
+    raise NotImplementedError
+
+  def time_steps(self, count: int) -> list[float]:
+    """Runs `count` steps back to back; the seconds of each after the first."""
+    ends = []
+    for _ in range(count):
+      jax.block_until_ready(self._step())
+      ends.append(time.perf_counter())
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+  def figures(self, seconds_per_step: float) -> dict[str, Any]:
+    cost = self.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # One device's share of the SPMD program; a loop body (grad_accum_steps) counts once.
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    memory = self.compiled.memory_analysis()
+    device = self.mesh.devices.flat[0]
+    figures = {
+        "devices": f"{self.mesh.size} × {device.device_kind}",
+        "compile_seconds": self.compile_seconds,
+        "seconds_per_step": seconds_per_step,
+        "images_per_second": self.images_per_step / seconds_per_step,
+        "flops_per_step": flops,
+        "temporary_gib_per_device": memory.temp_size_in_bytes / 2**30 if memory else None,
+    }
+    device_memory = device.memory_stats() or {}
+    if "peak_bytes_in_use" in device_memory:  # since the process started
+      figures["peak_device_memory_gib"] = device_memory["peak_bytes_in_use"] / 2**30
+    peak = peak_flops(device.device_kind)
+    if peak and flops:
+      figures["mfu"] = flops / seconds_per_step / peak
+    return figures
+
+
+class StepTimer(_Timer):
   """One config's train step, compiled, fed and timed as train.py runs it.
 
   A step's time runs from the end of the previous step to the end of this one, so building
@@ -110,39 +155,66 @@ class StepTimer:
     self.compiled = step_fn.lower(self.state, self.frozen, put(0)).compile()
     self.compile_seconds = time.perf_counter() - start
     self.images_per_step = train_config.batch_size * (2 if data.with_prior else 1)
+    self.num_rows = data.num_rows
     self._batches = prefetch.prefetched(put, itertools.count(), train_config.prefetch_batches)
 
-  def time_steps(self, count: int) -> list[float]:
-    """Runs `count` steps back to back; the seconds of each after the first."""
-    ends = []
-    for _ in range(count):
-      self.state, metrics = self.compiled(self.state, self.frozen, next(self._batches))
-      jax.block_until_ready((self.state, metrics))
-      ends.append(time.perf_counter())
-    return [b - a for a, b in zip(ends, ends[1:])]
+  def _step(self) -> Any:
+    self.state, metrics = self.compiled(self.state, self.frozen, next(self._batches))
+    return self.state, metrics
 
-  def figures(self, seconds_per_step: float) -> dict[str, Any]:
-    cost = self.compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    # One device's share of the SPMD program; a loop body (grad_accum_steps) counts once.
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    memory = self.compiled.memory_analysis()
-    device = self.mesh.devices.flat[0]
-    figures = {
-        "devices": f"{self.mesh.size} × {device.device_kind}",
-        "compile_seconds": self.compile_seconds,
-        "seconds_per_step": seconds_per_step,
-        "images_per_second": self.images_per_step / seconds_per_step,
-        "flops_per_step": flops,
-        "temporary_gib_per_device": memory.temp_size_in_bytes / 2**30 if memory else None,
-    }
-    device_memory = device.memory_stats() or {}
-    if "peak_bytes_in_use" in device_memory:  # since the process started
-      figures["peak_device_memory_gib"] = device_memory["peak_bytes_in_use"] / 2**30
-    peak = peak_flops(device.device_kind)
-    if peak and flops:
-      figures["mfu"] = flops / seconds_per_step / peak
-    return figures
+
+class FloorTimer(_Timer):
+  """The floor under a config's step: the UNet's forward and backward pass and the optimizer
+  update alone, on the step's rows (padding included), mesh, dtypes and donation.
+
+  No VAE, text encoder, noise, timestep draws, masks or loss weighting, and the same batch
+  every step: what the step costs beyond this is the step's own overhead.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, num_rows: int,
+               devices: list[jax.Device] | None = None):
+    components, params = models.load_configured(config.model)
+    self.mesh = mesh = sharding.make_mesh(devices, config.mesh.data, config.mesh.fsdp)
+    train_config = config.train
+    optimizer = train_step.make_optimizer(train_config)
+    unet_params = jax.tree.map(lambda x: x.astype(train_config.param_dtype), params["unet"])
+    self.params = sharding.put_state(unet_params, mesh)
+    self.opt_state = sharding.put_state(optimizer.init(unet_params), mesh)
+    rng = np.random.default_rng(0)
+    latent = config.data.resolution // components.vae_scale_factor
+    latent_shape = (num_rows, components.latent_channels, latent, latent)
+    context_shape = (num_rows, components.text_encoder.max_position_embeddings,
+                     components.unet.cross_attention_dim)
+    batch = {"noisy_latents": rng.standard_normal(latent_shape, np.float32),
+             "target": rng.standard_normal(latent_shape, np.float32),
+             "encoder_hidden_states": rng.standard_normal(context_shape, np.float32),
+             "timesteps": rng.integers(0, 1000, num_rows).astype(np.int32)}
+    self.batch = sharding.put_batch(batch, mesh)
+
+    def floor_step(unet_params, opt_state, batch):
+      def loss(trained):
+        prediction = components.predict(trained, batch["noisy_latents"], batch["timesteps"],
+                                        batch["encoder_hidden_states"], train_config.remat)
+        return train_step.per_example_mse(prediction, batch["target"]).mean()
+      value, grads = jax.value_and_grad(loss)(unet_params)
+      updates, opt_state = optimizer.update(grads, opt_state, unet_params)
+      return optax.apply_updates(unet_params, updates), opt_state, value
+
+    param_sharding = sharding.state_shardings(self.params, mesh)
+    opt_sharding = sharding.state_shardings(self.opt_state, mesh)
+    step_fn = jax.jit(floor_step, in_shardings=(param_sharding, opt_sharding,
+                                                 sharding.data_sharded(mesh)),
+                      out_shardings=(param_sharding, opt_sharding, sharding.replicated(mesh)),
+                      donate_argnums=(0, 1))
+    start = time.perf_counter()
+    self.compiled = step_fn.lower(self.params, self.opt_state, self.batch).compile()
+    self.compile_seconds = time.perf_counter() - start
+    self.images_per_step = train_config.batch_size * (
+        2 if train_config.with_prior_preservation else 1)
+
+  def _step(self) -> Any:
+    self.params, self.opt_state, loss = self.compiled(self.params, self.opt_state, self.batch)
+    return self.params, loss
 
 
 def run(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
@@ -167,9 +239,12 @@ def comparisons(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
 ROUND_STEPS = 5  # consecutive steps per variant and round of a comparison
 
 
+FLOOR = "floor: UNet forward + backward + optimizer"
+
+
 def compare(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
             devices: list[jax.Device] | None = None) -> list[dict[str, Any]]:
-  """The config as given, then each comparison; one row of figures each.
+  """The config as given, then each comparison, then the floor (FloorTimer); one row each.
 
   The variants are timed in rounds of ROUND_STEPS consecutive steps each, taking turns, so
   that load from elsewhere on the machine falls on all of them alike.
@@ -183,26 +258,31 @@ def compare(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: i
       with variant.unlocked():
         variant[section][name] = value
     timers.append(StepTimer(variant, devices))
-    timers[-1].time_steps(warmup_steps)
+  timers.append(FloorTimer(config, timers[0].num_rows, devices))
+  for timer in timers:
+    timer.time_steps(warmup_steps)
   durations = [[] for _ in timers]
   rounds = -(-timed_steps // (ROUND_STEPS - 1))
   for _ in range(rounds):
     for timer, seconds in zip(timers, durations):
       seconds.extend(timer.time_steps(ROUND_STEPS))
-  return [{"setting": f"{field}={value}" if field else "as configured",
-           **timer.figures(statistics.median(seconds))}
-          for (field, value), timer, seconds in zip(settings, timers, durations)]
+  names = [f"{field}={value}" if field else "as configured" for field, value in settings]
+  return [{"setting": name, **timer.figures(statistics.median(seconds))}
+          for name, timer, seconds in zip(names + [FLOOR], timers, durations)]
 
 
 def format_comparison(rows: list[dict[str, Any]]) -> str:
-  """A markdown table: s/step, its ratio to the first row, and compiler temp memory."""
+  """A markdown table: s/step, its ratio to the first row and to the floor (the last row, if
+  it is one), and compiler temp memory."""
   base = rows[0]["seconds_per_step"]
-  lines = ["| setting | s/step | vs as configured | temp GiB/device | compile s |",
-           "| --- | --- | --- | --- | --- |"]
+  floor = rows[-1]["seconds_per_step"] if rows[-1]["setting"] == FLOOR else None
+  lines = ["| setting | s/step | vs as configured | vs floor | temp GiB/device | compile s |",
+           "| --- | --- | --- | --- | --- | --- |"]
   for row in rows:
     temp = row["temporary_gib_per_device"]
-    lines.append(f"| {row['setting']} | {row['seconds_per_step']:.4f} | "
-                 f"{row['seconds_per_step'] / base:.2f}× | "
+    seconds = row["seconds_per_step"]
+    lines.append(f"| {row['setting']} | {seconds:.4f} | {seconds / base:.2f}× | "
+                 f"{'n/a' if floor is None else f'{seconds / floor:.2f}×'} | "
                  f"{'n/a' if temp is None else f'{temp:.4f}'} | {row['compile_seconds']:.1f} |")
   return "\n".join(lines)
 

@@ -1,5 +1,7 @@
 """The benchmark measures the real train step: figures present, consistent and positive."""
 
+import jax
+import numpy as np
 import pytest
 
 from dreambooth_jax import benchmark
@@ -41,6 +43,8 @@ def test_compare_times_the_config_and_each_change_alone_in_turns(small_config, m
   made, calls = [], []
 
   class FakeTimer:
+    num_rows = 8
+
     def __init__(self, config, devices=None):
       self.name = (config.train.prefetch_batches, config.train.remat, config.model.dtype)
       self.seconds = 0.5 if config.train.remat else 0.25
@@ -54,17 +58,39 @@ def test_compare_times_the_config_and_each_change_alone_in_turns(small_config, m
       return {"seconds_per_step": seconds_per_step, "compile_seconds": 3.0,
               "temporary_gib_per_device": 0.125}
 
+  class FakeFloor(FakeTimer):
+    def __init__(self, config, num_rows, devices=None):
+      assert num_rows == 8  # the step's rows, padding included
+      self.name, self.seconds = "floor", 0.2
+      made.append(self.name)
+
   monkeypatch.setattr(benchmark, "StepTimer", FakeTimer)
+  monkeypatch.setattr(benchmark, "FloorTimer", FakeFloor)
   monkeypatch.setattr(benchmark, "comparisons",
                       lambda config: [("train.prefetch_batches", 0), ("train.remat", True)])
   rows = benchmark.compare(small_config, 1, 8)
-  assert made == [(2, False, "float32"), (0, False, "float32"), (2, True, "float32")]
+  assert made == [(2, False, "float32"), (0, False, "float32"), (2, True, "float32"), "floor"]
   assert small_config.train.remat is False  # the caller's config is left alone
   # Warm-up, then 8 timed steps in rounds of 5 (4 timed each): 2 rounds, the variants in turn.
-  assert calls == [(made[0], 1), (made[1], 1), (made[2], 1)] + [(name, 5) for name in made] * 2
+  assert calls == [(name, 1) for name in made] + [(name, 5) for name in made] * 2
   assert benchmark.format_comparison(rows).splitlines() == [
-      "| setting | s/step | vs as configured | temp GiB/device | compile s |",
-      "| --- | --- | --- | --- | --- |",
-      "| as configured | 0.2500 | 1.00× | 0.1250 | 3.0 |",
-      "| train.prefetch_batches=0 | 0.2500 | 1.00× | 0.1250 | 3.0 |",
-      "| train.remat=True | 0.5000 | 2.00× | 0.1250 | 3.0 |"]
+      "| setting | s/step | vs as configured | vs floor | temp GiB/device | compile s |",
+      "| --- | --- | --- | --- | --- | --- |",
+      "| as configured | 0.2500 | 1.00× | 1.25× | 0.1250 | 3.0 |",
+      "| train.prefetch_batches=0 | 0.2500 | 1.00× | 1.25× | 0.1250 | 3.0 |",
+      "| train.remat=True | 0.5000 | 2.00× | 2.50× | 0.1250 | 3.0 |",
+      "| floor: UNet forward + backward + optimizer | 0.2000 | 0.80× | 1.00× | 0.1250 | 3.0 |"]
+
+
+def test_the_floor_runs_the_unet_and_the_optimizer_on_the_steps_rows(small_config):
+  """The real FloorTimer on the small config: it compiles, trains and reports like a step."""
+  step = benchmark.StepTimer(small_config)
+  floor = benchmark.FloorTimer(small_config, step.num_rows)
+  before = jax.device_get(floor.params["conv_in"]["kernel"])
+  seconds = floor.time_steps(3)
+  assert len(seconds) == 2 and all(s > 0 for s in seconds)
+  assert not np.array_equal(jax.device_get(floor.params["conv_in"]["kernel"]), before)
+  figures = floor.figures(min(seconds))
+  assert figures["devices"] == "8 × cpu" and figures["compile_seconds"] > 0
+  # Less work than the step: no noise draws, masks or latent sampling.
+  assert 0 < figures["flops_per_step"] < step.figures(1.0)["flops_per_step"]

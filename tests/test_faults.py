@@ -381,16 +381,19 @@ def test_sigterm_during_class_images_stops_after_the_batch_in_flight(tiny, tmp_p
 
 def test_a_preempted_run_resumes_without_compiling_its_train_step_again(tiny_dir, instance_dir,
                                                                         tmp_path):
-  """main.py turns on the persistent jit cache: the resumed run loads the step from disk."""
-  cache = tmp_path / "jit_cache"
+  """The persistent jit cache is on: the resumed run loads the step from disk.
+
+  Both runs use the suite's cache (conftest's $JAX_COMPILATION_CACHE_DIR), where the first
+  one finds or leaves the step: a private empty cache would only add a cold compile.
+  """
+  cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
   workdir = str(tmp_path / "run")
   flags = _small_flags(tiny_dir, instance_dir)
-  env = dict(_env("step:4:term"), JAX_COMPILATION_CACHE_DIR=str(cache))
-  first = subprocess.run(_command(workdir, flags), cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=600, check=False)
+  first = subprocess.run(_command(workdir, flags), cwd=REPO, env=_env("step:4:term"),
+                         capture_output=True, text=True, timeout=600, check=False)
   assert first.returncode == preemption.EXIT_CODE, first.stderr[-2000:]
   assert any(name.startswith("jit_train_step") for name in os.listdir(cache))
-  env = dict(_env(), JAX_COMPILATION_CACHE_DIR=str(cache), JAX_LOG_COMPILES="1")
+  env = dict(_env(), JAX_LOG_COMPILES="1")
   second = subprocess.run(_command(workdir, flags), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600, check=False)
   assert second.returncode == 0, second.stderr[-2000:]
