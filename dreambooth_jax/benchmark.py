@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -136,6 +137,7 @@ class StepTimer(_Timer):
   def __init__(self, config: ml_collections.ConfigDict,
                devices: list[jax.Device] | None = None):
     components, params = models.load_configured(config.model)
+    self.components = components
     self.mesh = mesh = sharding.make_mesh(devices, config.mesh.data, config.mesh.fsdp)
     params = sharding.put_state(params, mesh)
     train_config = config.train
@@ -171,25 +173,26 @@ class FloorTimer(_Timer):
   every step: what the step costs beyond this is the step's own overhead.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, num_rows: int,
-               devices: list[jax.Device] | None = None):
-    components, params = models.load_configured(config.model)
-    self.mesh = mesh = sharding.make_mesh(devices, config.mesh.data, config.mesh.fsdp)
+  def __init__(self, config: ml_collections.ConfigDict, step: StepTimer):
+    """Built from the step's own timer: its model, mesh, trained UNet weights and rows."""
+    components = step.components
+    self.mesh = mesh = step.mesh
     train_config = config.train
     optimizer = train_step.make_optimizer(train_config)
-    unet_params = jax.tree.map(lambda x: x.astype(train_config.param_dtype), params["unet"])
-    self.params = sharding.put_state(unet_params, mesh)
-    self.opt_state = sharding.put_state(optimizer.init(unet_params), mesh)
+    # A copy: the step timer's state is donated to its own program.
+    self.params = jax.tree.map(jnp.copy, step.state.params["unet"])
+    self.opt_state = sharding.put_state(optimizer.init(self.params), mesh)
     rng = np.random.default_rng(0)
     latent = config.data.resolution // components.vae_scale_factor
-    latent_shape = (num_rows, components.latent_channels, latent, latent)
-    context_shape = (num_rows, components.text_encoder.max_position_embeddings,
+    latent_shape = (step.num_rows, components.latent_channels, latent, latent)
+    context_shape = (step.num_rows, components.text_encoder.max_position_embeddings,
                      components.unet.cross_attention_dim)
     batch = {"noisy_latents": rng.standard_normal(latent_shape, np.float32),
              "target": rng.standard_normal(latent_shape, np.float32),
              "encoder_hidden_states": rng.standard_normal(context_shape, np.float32),
-             "timesteps": rng.integers(0, 1000, num_rows).astype(np.int32)}
+             "timesteps": rng.integers(0, 1000, step.num_rows).astype(np.int32)}
     self.batch = sharding.put_batch(batch, mesh)
+    self.images_per_step = step.images_per_step
 
     def floor_step(unet_params, opt_state, batch):
       def loss(trained):
@@ -209,8 +212,6 @@ class FloorTimer(_Timer):
     start = time.perf_counter()
     self.compiled = step_fn.lower(self.params, self.opt_state, self.batch).compile()
     self.compile_seconds = time.perf_counter() - start
-    self.images_per_step = train_config.batch_size * (
-        2 if train_config.with_prior_preservation else 1)
 
   def _step(self) -> Any:
     self.params, self.opt_state, loss = self.compiled(self.params, self.opt_state, self.batch)
@@ -258,7 +259,7 @@ def compare(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: i
       with variant.unlocked():
         variant[section][name] = value
     timers.append(StepTimer(variant, devices))
-  timers.append(FloorTimer(config, timers[0].num_rows, devices))
+  timers.append(FloorTimer(config, timers[0]))
   for timer in timers:
     timer.time_steps(warmup_steps)
   durations = [[] for _ in timers]

@@ -43,8 +43,6 @@ def test_compare_times_the_config_and_each_change_alone_in_turns(small_config, m
   made, calls = [], []
 
   class FakeTimer:
-    num_rows = 8
-
     def __init__(self, config, devices=None):
       self.name = (config.train.prefetch_batches, config.train.remat, config.model.dtype)
       self.seconds = 0.5 if config.train.remat else 0.25
@@ -59,8 +57,8 @@ def test_compare_times_the_config_and_each_change_alone_in_turns(small_config, m
               "temporary_gib_per_device": 0.125}
 
   class FakeFloor(FakeTimer):
-    def __init__(self, config, num_rows, devices=None):
-      assert num_rows == 8  # the step's rows, padding included
+    def __init__(self, config, step):
+      assert step.name == made[0]  # built on the timer of the config as given
       self.name, self.seconds = "floor", 0.2
       made.append(self.name)
 
@@ -85,7 +83,7 @@ def test_compare_times_the_config_and_each_change_alone_in_turns(small_config, m
 def test_the_floor_runs_the_unet_and_the_optimizer_on_the_steps_rows(small_config):
   """The real FloorTimer on the small config: it compiles, trains and reports like a step."""
   step = benchmark.StepTimer(small_config)
-  floor = benchmark.FloorTimer(small_config, step.num_rows)
+  floor = benchmark.FloorTimer(small_config, step)
   before = jax.device_get(floor.params["conv_in"]["kernel"])
   seconds = floor.time_steps(3)
   assert len(seconds) == 2 and all(s > 0 for s in seconds)

@@ -17,7 +17,7 @@ from typing import Any
 
 from dreambooth_jax import build_cache, toyworld
 from dreambooth_jax.errors import ModelLoadError
-from dreambooth_jax.models import pipeline, tokenizer as tokenizers
+from dreambooth_jax.models import pipeline, tokenizer as tokenizers, vae as vae_lib
 
 PREFIX = "builtin:"
 TINY = "builtin:tiny-sd"
@@ -99,7 +99,7 @@ def local_vae_scale_factor(pretrained: str) -> int | None:
   if not (pretrained.startswith(PREFIX) or os.path.isdir(pretrained)):
     return None
   vae_config = pipeline.read_configs(resolve_pretrained(pretrained))["vae"]
-  return 2 ** (len(vae_config["block_out_channels"]) - 1)
+  return vae_lib.scale_factor(vae_config["block_out_channels"])
 
 
 def load_pretrained(pretrained: str, revision: str | None = None, dtype: str = "float32",

@@ -322,7 +322,12 @@ class AutoencoderKL(nn.Module):
   @property
   def scale_factor(self) -> int:
     """Pixels per latent along each side."""
-    return 2 ** (len(self.block_out_channels) - 1)
+    return scale_factor(self.block_out_channels)
+
+
+def scale_factor(block_out_channels) -> int:
+  """Pixels per latent along each side: every block but the last halves the image."""
+  return 2 ** (len(block_out_channels) - 1)
 
 
 def vae_from_config(config: Mapping[str, Any], **overrides: Any) -> AutoencoderKL:
