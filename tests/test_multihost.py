@@ -24,6 +24,12 @@ def _flags(tiny_dir, instance_dir, steps):
           "--config.sample.num_images=2", "--config.sample.num_inference_steps=2"]
 
 
+def _cache(role):
+  """A persistent jit cache per role (one per process of the two-process run, so that the
+  two never write one file at once), kept across sessions like the suite's own."""
+  return os.path.join(os.environ["DREAMBOOTH_JAX_CACHE"], f"jax_cache_multihost_{role}")
+
+
 def _env(devices, cache):
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
@@ -52,7 +58,7 @@ def runs(tiny_dir, instance_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   single, multi = str(root / "single"), str(root / "multi")
   result = subprocess.run(_command(single, _flags(tiny_dir, instance_dir, 6)), cwd=REPO,
-                          env=_env(4, str(root / "cache_single")), capture_output=True,
+                          env=_env(4, _cache("single")), capture_output=True,
                           text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
 
@@ -63,7 +69,7 @@ def runs(tiny_dir, instance_dir, tmp_path_factory):
         f"--config.distributed.coordinator_address=127.0.0.1:{port}",
         "--config.distributed.num_processes=2", f"--config.distributed.process_id={process_id}"]
     processes.append(subprocess.Popen(
-        _command(multi, flags), cwd=REPO, env=_env(2, str(root / f"cache_{process_id}")),
+        _command(multi, flags), cwd=REPO, env=_env(2, _cache(process_id)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   outputs = [p.communicate(timeout=900) for p in processes]
   for process, (_, stderr) in zip(processes, outputs):
@@ -73,7 +79,7 @@ def runs(tiny_dir, instance_dir, tmp_path_factory):
   two_process_export = os.path.isfile(os.path.join(multi, "export", "model_index.json"))
 
   resumed = subprocess.run(_command(multi, _flags(tiny_dir, instance_dir, 6)), cwd=REPO,
-                           env=_env(4, str(root / "cache_single")), capture_output=True,
+                           env=_env(4, _cache("single")), capture_output=True,
                            text=True, timeout=600, check=False)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   return {"single": single, "multi": multi, "two_process_rows": two_process_rows,
