@@ -2,7 +2,8 @@
 
 Each lives in a folder named after a fingerprint of the code that builds it, so a machine
 that ran an older version never reads what that version wrote: a changed builder gets a new
-folder, and the stale ones are removed. A folder appears whole or not at all.
+folder, and folders no run has used for a day are removed (not at once: two checkouts of
+different versions on one machine each keep theirs). A folder appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import hashlib
 import os
 import re
 import shutil
+import time
 import types
 from typing import Callable
+
+STALE_AFTER_SECS = 24 * 3600  # a sibling folder unused this long is removed
 
 
 def root() -> str:
@@ -42,6 +46,7 @@ def built_dir(name: str, build: Callable[[str], None], *modules: types.ModuleTyp
   """<root>/<name>-<fingerprint of modules>, made by `build(directory)` if it is not there."""
   path = os.path.join(root(), f"{name}-{code_fingerprint(*modules)}")
   if os.path.isdir(path):
+    os.utime(path)  # its last use, which keeps it from being pruned as stale
     return path
   tmp_dir = f"{path}.tmp{os.getpid()}"
   shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -56,7 +61,8 @@ def built_dir(name: str, build: Callable[[str], None], *modules: types.ModuleTyp
     if not os.path.isdir(path):
       raise
     shutil.rmtree(tmp_dir, ignore_errors=True)
-  for stale in glob.glob(os.path.join(root(), f"{name}-*")):
-    if stale != path and re.fullmatch(re.escape(name) + r"-[0-9a-f]{12}", os.path.basename(stale)):
-      shutil.rmtree(stale, ignore_errors=True)
+  for other in glob.glob(os.path.join(root(), f"{name}-*")):
+    if (other != path and re.fullmatch(re.escape(name) + r"-[0-9a-f]{12}", os.path.basename(other))
+        and time.time() - os.path.getmtime(other) > STALE_AFTER_SECS):
+      shutil.rmtree(other, ignore_errors=True)
   return path

@@ -1,6 +1,7 @@
 """Built-on-first-use folders are keyed by their builder's source, so stale ones are never read."""
 
 import os
+import time
 import types
 
 import pytest
@@ -24,7 +25,7 @@ def _write(text):
   return build
 
 
-def test_a_changed_builder_gets_a_new_folder_and_the_stale_one_is_removed(tmp_path, monkeypatch):
+def test_a_changed_builder_gets_a_new_folder_and_stale_ones_are_removed(tmp_path, monkeypatch):
   monkeypatch.setenv("DREAMBOOTH_JAX_CACHE", str(tmp_path / "cache"))
   old = build_cache.built_dir("tiny-sd", _write("old"), _module(tmp_path, "VERSION = 1\n"))
   assert open(os.path.join(old, "model.txt")).read() == "old"
@@ -35,8 +36,20 @@ def test_a_changed_builder_gets_a_new_folder_and_the_stale_one_is_removed(tmp_pa
   new = build_cache.built_dir("tiny-sd", _write("new"), _module(tmp_path, "VERSION = 2\n"))
   assert new != old
   assert open(os.path.join(new, "model.txt")).read() == "new"
+  # Used a moment ago (another checkout on this machine may be using it): kept.
+  assert open(os.path.join(old, "model.txt")).read() == "old"
+  # Unused for longer than a day: removed by the next build.
+  day_ago = time.time() - build_cache.STALE_AFTER_SECS - 60
+  os.utime(old, (day_ago, day_ago))
+  os.utime(unrelated, (day_ago, day_ago))
+  newest = build_cache.built_dir("tiny-sd", _write("3"), _module(tmp_path, "VERSION = 3\n"))
   assert not os.path.exists(old)
+  assert os.path.isdir(new) and os.path.isdir(newest)
   assert unrelated.is_dir()  # another name's folder is left alone
+  # A hit marks the folder used now.
+  os.utime(new, (day_ago, day_ago))
+  assert build_cache.built_dir("tiny-sd", None, _module(tmp_path, "VERSION = 2\n")) == new
+  assert time.time() - os.path.getmtime(new) < 60
 
 
 def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The core install needs neither diffusers, transformers nor torch: with the three made
 unimportable (as on a machine without the test extra), every command module imports."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -24,3 +25,15 @@ def test_every_command_module_imports_without_diffusers_transformers_or_torch():
                           capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == "imported"
+
+
+def test_no_command_module_imports_torch_even_where_it_is_installed():
+  """tensorboardX would import torch (1.5 s of every run's start, and its CUDA libraries in a
+  JAX process); metric_writer hides it during that import."""
+  assert importlib.util.find_spec("torch") is not None  # the test extra installs it
+  imports = "\n".join(f"import dreambooth_jax.{name}" for name in COMMAND_MODULES)
+  check = "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+  result = subprocess.run([sys.executable, "-c", f"import sys\n{imports}\n{check}"],
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "[]"

@@ -20,6 +20,11 @@ from dreambooth_jax import atomic_files, models, sharding
 
 ANCESTRAL_NOISE_STREAM = 1  # folded into an image's key for the noise of ancestral steps
 
+# make_sampler's jitted functions by settings, so that a run whose class images, validation
+# grids and final samples share settings traces and lowers the sampler once, not three times.
+_SAMPLERS: dict[tuple, tuple[models.Components, Callable]] = {}
+_MAX_SAMPLERS = 8
+
 
 def image_keys(seed: int | jax.Array, image_ids: jax.Array) -> jax.Array:
   return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), image_ids)
@@ -37,8 +42,24 @@ def make_sampler(components: models.Components, mesh: jax.sharding.Mesh, resolut
   (float32 in [0, 1] unless as_uint8).
 
   N must be a multiple of the mesh size (see `generate`, which pads). Every random draw of
-  image k (its starting noise, and the noise of ancestral steps) is keyed by k alone.
+  image k (its starting noise, and the noise of ancestral steps) is keyed by k alone. The same
+  components and settings give the same jitted function back.
   """
+  key = (id(components), mesh, resolution, scheduler_name, num_inference_steps, guidance_scale,
+         as_uint8)
+  if key in _SAMPLERS and _SAMPLERS[key][0] is components:
+    return _SAMPLERS[key][1]
+  if len(_SAMPLERS) >= _MAX_SAMPLERS:
+    del _SAMPLERS[next(iter(_SAMPLERS))]
+  sample = _sampler_function(components, mesh, resolution, scheduler_name, num_inference_steps,
+                             guidance_scale, as_uint8)
+  _SAMPLERS[key] = (components, sample)
+  return sample
+
+
+def _sampler_function(components: models.Components, mesh: jax.sharding.Mesh, resolution: int,
+                      scheduler_name: str, num_inference_steps: int, guidance_scale: float,
+                      as_uint8: bool) -> Callable:
   sampler = components.sampler(scheduler_name, num_inference_steps)
   latent_size = resolution // components.vae_scale_factor
   latent_shape = (components.latent_channels, latent_size, latent_size)
