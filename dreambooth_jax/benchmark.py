@@ -1,6 +1,6 @@
 """Speed of the real train step on synthetic data: compile time, s/step, images/s, memory, MFU.
 
-python -m dreambooth_jax.benchmark --config=configs/tiny.py [--devices=8] [--compare]
+python -m dreambooth_jax.benchmark --config=configs/tiny.py [--devices=8] [--compare | --loop]
     [--config.train.batch_size=4 ...]
 
 The step is the one train.py runs (same caches, prefetching, jit, shardings and donation), fed
@@ -9,14 +9,18 @@ written. Prints one `name: value` line per figure; --compare then prints a markd
 s/step with each optimisation switched off (and each memory lever on), one at a time, and the
 floor under the step (the UNet's forward and backward pass and the optimizer update alone). It does
 not turn on the persistent compilation cache (unless $JAX_COMPILATION_CACHE_DIR is set), so
-compile times are real.
+compile times are real. --loop also runs train.py's own loop (prefetching, metrics, progress bar,
+checkpoint schedule) on a temporary workdir and prints its s/step beside the step's.
 """
 
 from dreambooth_jax import quiet  # noqa: F401  pylint: disable=unused-import
 
 import copy
 import itertools
+import json
+import os
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -28,8 +32,9 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from dreambooth_jax import cli_errors, models, sharding
+from dreambooth_jax import cli_errors, models, sharding, train
 from dreambooth_jax.data import demo_data, frozen_cache, input_pipeline, prefetch
+from dreambooth_jax.models import sampling
 from dreambooth_jax.training import config_check, step as train_step
 
 FLAGS = flags.FLAGS
@@ -44,6 +49,9 @@ def define_flags() -> None:
                        "More than present are simulated on the CPU.")
   flags.DEFINE_bool("compare", False, "Also run the config with each optimisation switched "
                     "off (and each memory lever on), one at a time, and print a table.")
+  flags.DEFINE_bool("loop", False, "Also time train.py's loop over the same steps (on every "
+                    "device present, a temporary workdir and random class images) and print "
+                    "loop / step.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -226,6 +234,55 @@ def run(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
   return timer.figures(statistics.median(timer.time_steps(timed_steps + 1)))
 
 
+def time_loop(config: ml_collections.ConfigDict, warmup_steps: int,
+              timed_steps: int) -> float:
+  """Mean s/step of train.train_and_evaluate's loop over `timed_steps` after `warmup_steps`
+  (each rounded up to whole log intervals), from its own metrics.jsonl.
+
+  Each logged row's steps_per_sec covers the wall time since the previous row: the step, the
+  batches' prefetching, the metrics pulled every log step, the progress bar and the checkpoints
+  the config schedules. Class images are random PNGs (nothing is generated); no validation
+  grids or samples; the export after the loop is not timed.
+  """
+  every = config.log.every_steps
+  warmup = max(1, -(-warmup_steps // every)) * every
+  timed = -(-timed_steps // every) * every
+  variant = copy.deepcopy(config)
+  with variant.unlocked():
+    variant.train.steps = warmup + timed
+    variant.eval.every_steps = 0
+    variant.sample.prompts = ()
+    variant.mesh.data = 0  # every device present, as train.py runs
+  with tempfile.TemporaryDirectory() as workdir:
+    if variant.train.with_prior_preservation:
+      variant.data.class_dir = os.path.join(workdir, "class_images")
+      os.makedirs(variant.data.class_dir)
+      rng = np.random.default_rng(1)
+      size = variant.data.resolution
+      for index in range(variant.data.num_class_images):
+        sampling.write_png(rng.integers(0, 256, (size, size, 3), np.uint8),
+                           os.path.join(variant.data.class_dir, f"class_{index:05d}.png"))
+    train.train_and_evaluate(variant, os.path.join(workdir, "run"))
+    with open(os.path.join(workdir, "run", "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+  intervals = [every / row["steps_per_sec"] for row in rows if row["step"] > warmup]
+  return sum(intervals) / timed
+
+
+def time_loop_and_step(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
+                       devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """The loop's mean s/step between two timings of the step alone (the mean of their means,
+  so that a drift in the machine's load falls on both alike); figures of the step."""
+  timer = StepTimer(config, devices)
+  timer.time_steps(warmup_steps)
+  before = timer.time_steps(timed_steps + 1)
+  loop = time_loop(config, warmup_steps, timed_steps)
+  after = timer.time_steps(timed_steps + 1)
+  step = (statistics.mean(before) + statistics.mean(after)) / 2
+  return {**timer.figures(statistics.median(before + after)), "step_mean_seconds": step,
+          "loop_seconds_per_step": loop, "loop_vs_step": loop / step}
+
+
 def comparisons(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
   """(field, value) switching one optimisation of `config` off, or a memory lever on."""
   changes = [("train.cache_latents", False), ("train.cache_text_embeddings", False),
@@ -301,9 +358,13 @@ def main(argv):
   with cli_errors.one_line_errors():
     config_check.check_config(config)
     devices = sharding.use_devices(FLAGS.devices)
+    if FLAGS.compare and FLAGS.loop:
+      raise app.UsageError("--compare and --loop are separate runs: give one")
     if FLAGS.compare:
       rows = compare(config, FLAGS.warmup_steps, FLAGS.timed_steps, devices)
       figures = rows[0]
+    elif FLAGS.loop:
+      figures = time_loop_and_step(config, FLAGS.warmup_steps, FLAGS.timed_steps, devices)
     else:
       figures = run(config, FLAGS.warmup_steps, FLAGS.timed_steps, devices)
   for name, value in figures.items():

@@ -1,10 +1,13 @@
 """The benchmark measures the real train step: figures present, consistent and positive."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
 
 from dreambooth_jax import benchmark
+from tests import conftest
 
 
 def test_benchmark_figures_of_the_small_config(small_config):
@@ -92,3 +95,31 @@ def test_the_floor_runs_the_unet_and_the_optimizer_on_the_steps_rows(small_confi
   assert figures["devices"] == "8 × cpu" and figures["compile_seconds"] > 0
   # Less work than the step: no noise draws, masks or latent sampling.
   assert 0 < figures["flops_per_step"] < step.figures(1.0)["flops_per_step"]
+
+
+def test_the_loop_is_train_py_over_the_timed_steps_with_random_class_images(small_config,
+                                                                           monkeypatch):
+  """--loop: train.train_and_evaluate itself, timed from its own metrics rows, next to the
+  step alone; nothing is sampled and the temporary workdir is gone afterwards."""
+  def no_sampling(*args, **kwargs):
+    raise AssertionError("the loop timing must not generate class images or samples")
+  monkeypatch.setattr(benchmark.sampling, "make_sampler", no_sampling)
+  seen = {}
+  real_train = benchmark.train.train_and_evaluate
+
+  def spy(config, workdir):
+    seen["config"], seen["workdir"] = config, workdir
+    seen["class_images"] = sorted(os.listdir(config.data.class_dir))
+    state = real_train(config, workdir)
+    seen["rows"] = [row["step"] for row in conftest.metric_rows(workdir)]
+    return state
+  monkeypatch.setattr(benchmark.train, "train_and_evaluate", spy)
+  small_config.log.every_steps = 2
+  figures = benchmark.time_loop_and_step(small_config, warmup_steps=1, timed_steps=3)
+  # Warm-up and timed steps rounded up to whole log intervals: 2 + 4 steps, rows every 2.
+  assert seen["config"].train.steps == 6 and seen["rows"] == [2, 4, 6]
+  assert seen["class_images"] == [f"class_{i:05d}.png" for i in range(2)]
+  assert not os.path.exists(seen["workdir"])
+  assert figures["loop_vs_step"] == figures["loop_seconds_per_step"] / figures["step_mean_seconds"]
+  # The same step in a loop that also prefetches, logs and checkpoints: within a few times it.
+  assert 0.3 < figures["loop_vs_step"] < 5
