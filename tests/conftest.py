@@ -105,9 +105,10 @@ def straight_run(tmp_path_factory, worker_id, tiny_dir, instance_dir):
 # the long ones and finish together; test_faults and test_train go to the same worker, which
 # trains the straight run they share. The rest keep pytest's order.
 SLOW_FILES = ("test_faults.py", "training/test_step.py", "test_train.py",
-              "test_speed_levers.py", "test_multihost.py", "test_plan.py", "test_mesh.py",
-              "test_toyworld_pretrain.py", "test_toyworld_experiment.py", "models/test_unet.py",
-              "models/test_pipeline.py", "test_bad_inputs.py", "data/test_frozen_cache.py")
+              "test_speed_levers.py", "test_demo.py", "test_multihost.py", "test_plan.py",
+              "test_mesh.py", "test_toyworld_pretrain.py", "test_toyworld_experiment.py",
+              "models/test_unet.py", "models/test_pipeline.py", "test_bad_inputs.py",
+              "data/test_frozen_cache.py")
 
 
 def pytest_collection_modifyitems(items):
