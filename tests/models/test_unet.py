@@ -374,6 +374,41 @@ def test_chunked_attention_matches_xla_with_ragged_chunks():
   assert _tree_max_abs_diff(grads, expected_grads) <= 1e-6 * _tree_max_abs(expected_grads)
 
 
+def _autodiff_softmax_attention(query, key, value):
+  """The "xla" path with jax's own softmax gradient, which keeps the float32 weights."""
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
+  q = q * jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
+  weights = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32), axis=-1)
+  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v), 1, 2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_xla_attention_backward_keeps_weights_in_the_compute_dtype(dtype):
+  """Same gradient as autodiff of the float32 softmax; in bf16 the backward pass holds the
+  bf16 weights instead of float32 ones (SD 1.5 at 512 px: 0.9 GiB less per device)."""
+  rng = np.random.default_rng(0)
+  query, key, value = (jnp.asarray(rng.normal(size=(2, 256, 4, 16)), dtype) for _ in range(3))
+
+  def compiled_grad(attend):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v).astype(jnp.float32)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(query, key, value).compile()
+
+  ours = compiled_grad(attention.dot_product_attention)
+  autodiff = compiled_grad(_autodiff_softmax_attention)
+  grads, expected = ours(query, key, value), autodiff(query, key, value)
+  scale = _tree_max_abs(expected)
+  # Measured: 3.6e-7 apart in float32 at entries up to 3.8; in bf16 one rounding step of the
+  # weights (0.016 at entries up to 4.7, bf16 keeping 8 bits of mantissa).
+  assert _tree_max_abs_diff(grads, expected) <= (1e-6 if dtype == "float32" else 1e-2) * scale
+  saved = (ours.memory_analysis().temp_size_in_bytes,
+           autodiff.memory_analysis().temp_size_in_bytes)
+  weights_bytes = 2 * 4 * 256 * 256 * 4  # [batch, heads, query, key] in float32
+  if dtype == "float32":
+    assert abs(saved[0] - saved[1]) < weights_bytes // 4  # nothing to save in float32
+  else:  # measured: 4.7 MB against 6.8 MB, the float32 weights' 2.1 MB less
+    assert saved[1] - saved[0] >= weights_bytes * 3 // 4
+
+
 def test_chunked_attention_keeps_half_precision_dtype():
   query, key, value = (x.astype(jnp.bfloat16) for x in _qkv(16, 16))
   out = jax.eval_shape(lambda q, k, v: attention.dot_product_attention(
