@@ -21,6 +21,13 @@ def _shows_both_subject_colours(image: np.ndarray) -> bool:
   return all(_colour_pixels(image, c) >= 20 for c in world.SUBJECT_COLOURS)
 
 
+def _in_a_room(image: np.ndarray) -> bool:
+  """The room's wall (beige) along the top edge and its wooden floor along the bottom edge."""
+  top, bottom = (np.median(row.astype(np.float64), axis=0) for row in (image[0], image[-1]))
+  return (np.linalg.norm(top - (228, 212, 180)) < 30 and
+          np.linalg.norm(bottom - (150, 100, 60)) < 30)
+
+
 # --------------------------------------------------------------------------------------------
 # The world.
 
@@ -88,7 +95,7 @@ def test_caption_and_prompt_grammar():
     world.render("box", None, "on grass", "big", 1, seed=0)
 
 
-def test_the_world_never_shows_the_subject_but_its_photos_do():
+def test_the_world_never_shows_the_subject_but_its_photos_do_all_in_a_room():
   photos = world.subject_photos()
   assert len(photos) == 4
   assert len({p.tobytes() for p in photos}) == 4
@@ -98,6 +105,11 @@ def test_the_world_never_shows_the_subject_but_its_photos_do():
   assert sum(_colour_pixels(e.image, "orange") >= 20 for e in examples) > 10
   assert sum(_colour_pixels(e.image, "teal") >= 20 for e in examples) > 10
   assert not any(_shows_both_subject_colours(e.image) for e in examples)
+  # All 4 photos are in a room: the wall-and-floor test tells the world's rooms from its other
+  # scenes without a miss, and every photo passes it.
+  assert [_in_a_room(e.image) for e in examples] == [e.scene == "in a room" for e in examples]
+  assert 0 < sum(e.scene == "in a room" for e in examples) < len(examples)
+  assert all(_in_a_room(p) for p in photos)
 
 
 # --------------------------------------------------------------------------------------------
