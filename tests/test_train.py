@@ -47,6 +47,14 @@ def test_run_writes_metrics_checkpoints_export_and_samples(straight_run):
   assert sorted(os.listdir(os.path.join(workdir, "eval"))) == ["step_000003.png",
                                                                "step_000006.png"]
   assert Image.open(os.path.join(workdir, "eval", "step_000006.png")).size == (2 * 32, 32)
+  # eval.prompts = () samples sample.prompts: the last validation grid (the final weights, the
+  # same seed and a sampler of the same settings) is the samples' grid, pixel for pixel.
+  with open(os.path.join(workdir, "config.json")) as f:
+    recorded = json.load(f)
+  assert recorded["eval"]["prompts"] == [] and len(recorded["sample"]["prompts"]) == 1
+  np.testing.assert_array_equal(
+      np.asarray(Image.open(os.path.join(workdir, "eval", "step_000006.png"))),
+      np.asarray(Image.open(os.path.join(workdir, "samples", "grid.png"))))
   with open(os.path.join(workdir, "prompts.json")) as f:
     assert json.load(f) == {"identifier": "sks", "instance_prompt": "a photo of sks toy",
                             "class_prompt": "a photo of toy"}
