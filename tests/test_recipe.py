@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common, sd15, sd21
+from configs import common, demo, sd15, sd21
 from dreambooth_jax.training import step as train_step
 
 
@@ -42,3 +42,20 @@ def test_the_optimizer_is_adamw_at_5e_6_on_every_unet_weight():
   np.testing.assert_allclose(updates["unet"]["block"]["scale"], np.full((2,), -2 * lr * wd),
                              rtol=1e-6)
   assert all(np.all(leaf != 0) for leaf in jax.tree.leaves(updates))
+
+
+def test_the_demo_config_is_the_run_the_readme_describes():
+  """What "What the demo does" promises of configs/demo.py (its CLI run, shortened, is
+  tests/test_train.py's)."""
+  config = demo.get_config()
+  assert (config.model.pretrained, config.data.instance_dir) == (
+      "builtin:toyworld", "builtin:toyworld-subject")
+  assert config.data.num_class_images == 64 and config.data.class_prompt == "a {class}"
+  assert config.train.steps == 600 and config.train.with_prior_preservation
+  assert config.train.train_text_encoder and config.train.text_encoder_steps == 0
+  assert (config.data.identifier, config.data.class_name) == ("sks", "ball")
+  assert config.data.instance_prompt == "a {identifier} {class}"  # "a sks ball"
+  assert config.sample.prompts == (
+      "a {identifier} {class} on the beach", "a {identifier} {class} in the snow",
+      "a {identifier} {class} at night", "a {identifier} {class} on grass", "a {class}")
+  assert config.export.single_file

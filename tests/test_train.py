@@ -8,9 +8,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 from PIL import Image
 
-from dreambooth_jax import models, train
+from dreambooth_jax import models, toyworld, train
 from tests import conftest
 from dreambooth_jax.data import input_pipeline
 from dreambooth_jax.training import checkpoints
@@ -154,6 +155,26 @@ def test_demo_cli_end_to_end_then_sample_cli(tmp_path):
   assert Image.open(workdir / "samples" / "grid.png").size == (2 * 32, 5 * 32)
   with open(workdir / "export" / "text_encoder" / "config.json") as f:
     assert json.load(f)["max_position_embeddings"] == pretrain.MAX_LENGTH
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"Done. Metrics: {workdir}/metrics.jsonl  checkpoints: {workdir}/checkpoints  "
+      f"pipeline: {workdir}/export  samples: {workdir}/samples")
+  # The demo tunes the text encoder, and the export holds the tuned one: every weight of the
+  # exported encoder differs from the committed model's.
+  exported = {name: safetensors.numpy.load_file(str(workdir / "export" / name / file))
+              for name, file in (("unet", "diffusion_pytorch_model.safetensors"),
+                                 ("vae", "diffusion_pytorch_model.safetensors"),
+                                 ("text_encoder", "model.safetensors"))}
+  base = safetensors.numpy.load_file(os.path.join(toyworld.PRETRAINED_DIR, "text_encoder",
+                                                  "model.safetensors"))
+  assert sorted(exported["text_encoder"]) == sorted(base)
+  assert not [k for k in base if np.array_equal(exported["text_encoder"][k], base[k])]
+  # export.single_file (set by the demo): workdir/export.safetensors, float16, as many weights
+  # as the export's three components.
+  single = safetensors.numpy.load_file(str(workdir / "export.safetensors"))
+  floats = [v for v in single.values() if v.dtype.kind == "f"]
+  assert {v.dtype.name for v in floats} == {"float16"}
+  assert sum(v.size for v in floats) == sum(v.size for tensors in exported.values()
+                                            for v in tensors.values())
 
   out = tmp_path / "samples"
   result = _run_cli(["dreambooth_jax.sample", f"--pipeline={workdir}/export",
