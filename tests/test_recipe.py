@@ -26,7 +26,8 @@ def test_the_defaults_are_the_papers_recipe(module):
 
 def test_the_optimizer_is_adamw_at_5e_6_on_every_unet_weight():
   """One step of sd15.py's optimizer on a toy tree: Adam's first step moves every weight by
-  lr·sign(g) (|g| ≫ eps; global norm 0.35, not clipped), and decoupled weight decay by lr·wd·p."""
+  lr·sign(g) (|g| ≫ eps; global norm 0.35, not clipped), and decoupled weight decay by
+  lr·wd·p."""
   config = sd15.get_config().train
   assert train_step.trainable_names(config.train_text_encoder) == ("unet",)
   params = {"unet": {"conv": {"kernel": jnp.zeros((3, 4))},

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -14,7 +15,7 @@ from PIL import Image
 from dreambooth_jax import models, toyworld, train
 from tests import conftest
 from dreambooth_jax.data import input_pipeline
-from dreambooth_jax.training import checkpoints
+from dreambooth_jax.training import checkpoints, step as train_step
 from dreambooth_jax.toyworld import pretrain
 from tests import conftest
 
@@ -78,6 +79,8 @@ def test_interrupted_run_resumes_to_identical_state(straight_run, small_config, 
   (steps 4 and 5 are redone).
   """
   workdir = str(tmp_path / "resumed")
+  # Export-only (the training must not see it); its files are checked once, below.
+  small_config.export.fp16_variant = crash_at == 5
   original_batch = input_pipeline.DreamBoothData.batch
   calls = []
 
@@ -111,6 +114,24 @@ def test_interrupted_run_resumes_to_identical_state(straight_run, small_config, 
   for row, straight_row in zip(rows, straight_rows):
     for key in ("loss", "instance_loss", "prior_loss", "learning_rate", "grad_norm"):
       assert row[key] == straight_row[key], (row["step"], key)
+  if crash_at != 5:
+    return
+  # export.fp16_variant=true: float16 copies beside the float32 files, which load (as every
+  # stored dtype does) into float32 parameters and a float32 TrainState.
+  export = os.path.join(workdir, "export")
+  for name, file in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+    for variant, dtype in (("", "float32"), (".fp16", "float16")):
+      path = os.path.join(export, name, f"{file}{variant}.safetensors")
+      tensors = safetensors.numpy.load_file(path)
+      assert {v.dtype.name for v in tensors.values() if v.dtype.kind == "f"} == {dtype}
+  _, half = models.load_pretrained(export, variant="fp16")
+  as_half = lambda x: np.asarray(x).astype(np.float16).astype(np.float32)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, as_half(b), strict=True),
+               half["unet"], state.params["unet"])
+  optimizer = train_step.make_optimizer(small_config.train)
+  fresh = train_step.create_train_state(half, optimizer, 0, False, "float32")
+  assert {leaf.dtype.name for leaf in jax.tree.leaves((fresh.params, fresh.opt_state))
+          if jnp.issubdtype(leaf.dtype, jnp.floating)} == {"float32"}
 
 
 def test_checkpoint_restores_exactly(straight_run):
