@@ -37,7 +37,8 @@ def _state_on(mesh, params, config):
 
 @pytest.fixture(scope="module")
 def runs(tiny):
-  """Two steps on each mesh shape: {shape: (losses, final state on the host, the state)}."""
+  """Two steps on each mesh shape: {shape: (losses, final state on the host, the state, every
+  weight of the pipeline as the run lays it out, frozen ones included)}."""
   components, params = tiny
   params = jax.device_get(params)
   config = _config()
@@ -55,14 +56,14 @@ def runs(tiny):
     for step in range(2):
       state, metrics = step_fn(state, frozen, sharding.put_batch(batches.batch(step), mesh))
       losses.append(float(metrics["loss"]))
-    results[(data, fsdp)] = (losses, jax.device_get(state), state)
+    results[(data, fsdp)] = (losses, jax.device_get(state), state, placed)
   return results
 
 
 def test_loss_and_updated_parameters_are_the_same_on_every_mesh_shape(runs, tiny):
-  reference_losses, reference_state, _ = runs[(8, 1)]
+  reference_losses, reference_state, *_ = runs[(8, 1)]
   for shape in SHAPES[1:]:
-    losses, state, _ = runs[shape]
+    losses, state, *_ = runs[shape]
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  state.params, reference_state.params)
@@ -71,17 +72,31 @@ def test_loss_and_updated_parameters_are_the_same_on_every_mesh_shape(runs, tiny
   assert np.abs(moved).max() > 1e-3
 
 
+def _assert_fsdp_layout(tree, fsdp: int) -> int:
+  """Every array of >= MIN_FSDP_SIZE elements split `fsdp` ways along its largest divisible
+  dimension, the rest whole; returns how many arrays are split."""
+  split = 0
+  for leaf in jax.tree.leaves(tree):
+    spec = leaf.sharding.spec
+    if fsdp > 1 and leaf.size >= sharding.MIN_FSDP_SIZE and any(
+        size % fsdp == 0 for size in leaf.shape):
+      axis = list(spec).index(sharding.FSDP_AXIS)
+      assert leaf.shape[axis] == max(s for s in leaf.shape if s % fsdp == 0)
+      assert leaf.addressable_shards[0].data.shape[axis] == leaf.shape[axis] // fsdp
+      split += 1
+    else:
+      assert sharding.FSDP_AXIS not in tuple(spec)
+  return split
+
+
 def test_fsdp_splits_every_large_array_and_replicates_the_small_ones(runs):
-  for (_, fsdp), (_, _, state) in runs.items():
-    for leaf in jax.tree.leaves(state):
-      spec = leaf.sharding.spec
-      if fsdp > 1 and leaf.size >= sharding.MIN_FSDP_SIZE and any(
-          size % fsdp == 0 for size in leaf.shape):
-        axis = list(spec).index(sharding.FSDP_AXIS)
-        assert leaf.shape[axis] == max(s for s in leaf.shape if s % fsdp == 0)
-        assert leaf.addressable_shards[0].data.shape[axis] == leaf.shape[axis] // fsdp
-      else:
-        assert sharding.FSDP_AXIS not in tuple(spec)
+  for (_, fsdp), (_, _, state, placed) in runs.items():
+    _assert_fsdp_layout(state, fsdp)
+    # The frozen weights too (the README: parameters, AdamW's moments and the frozen weights):
+    # the run lays out the whole pipeline so before it encodes or trains.
+    for name in ("vae", "text_encoder"):
+      split = _assert_fsdp_layout(placed[name], fsdp)
+      assert (split > 0) == (fsdp > 1), (name, fsdp, split)
   # The tiny model has many small arrays, which stay whole: fsdp = 8 still cuts a device's
   # share of the state by more than half (SD 1.5: below).
   per_device = lambda state: sum(leaf.addressable_shards[0].data.nbytes
@@ -114,7 +129,7 @@ def test_fsdp_spec_picks_the_largest_divisible_dimension():
 
 
 def test_a_checkpoint_written_on_one_mesh_restores_onto_another(runs, tmp_path):
-  _, host_state, state = runs[(8, 1)]
+  _, host_state, state, _ = runs[(8, 1)]
   manager = checkpoints.make_manager(str(tmp_path), 2)
   checkpoints.save(manager, state)
   checkpoints.wait(manager)

@@ -1,6 +1,7 @@
 """The plan command: abstract weights, the real step compiled, per-device sizes that add up."""
 
 import copy
+import os
 
 import jax
 import numpy as np
@@ -86,3 +87,27 @@ def test_plan_cli_simulates_the_requested_device_count():
   assert lines["architecture"] == "builtin:tiny-sd" and lines["mesh"] == "2 × cpu"
   assert lines["global_batch_rows"] == "4"  # batch 2 + 2 prior
   assert float(lines["peak_estimate_gib_per_device"]) > 0
+
+
+@pytest.mark.parametrize("architecture", ["sd15", "sd21"])
+def test_builtin_random_model_is_the_shipped_architecture(architecture, monkeypatch, tmp_path):
+  """`builtin:random-<name>` builds random weights of dreambooth_jax/architectures/<name>.json
+  (the sizes checked above) with a tokenizer whose ids fit its vocabulary. Recorded, not
+  written: the writer it calls is the one every `builtin:tiny-sd` run goes through."""
+  from dreambooth_jax.models import builtin  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("DREAMBOOTH_JAX_CACHE", str(tmp_path))  # no copy built earlier is reused
+  built = []
+
+  def record(configs, tokenizer, out_dir, seed):
+    built.append((configs, tokenizer, seed))
+    os.makedirs(out_dir)
+    return out_dir
+
+  monkeypatch.setattr(builtin, "_save_random", record)
+  directory = builtin.resolve_pretrained(f"builtin:random-{architecture}")
+  assert directory.startswith(str(tmp_path / f"random-{architecture}-"))
+  (configs, tokenizer, seed), = built
+  assert configs == plan.architecture_configs(architecture) and seed == 0
+  text_config = configs["text_encoder"]
+  assert tokenizer.model_max_length == text_config["max_position_embeddings"] == 77
+  assert len(tokenizer) <= text_config["vocab_size"]  # every id it can give is an embedding row

@@ -35,7 +35,8 @@ def _config(**train):
 
 
 def _train(components, params, config, steps):
-  """`steps` jitted steps on 8 devices; (per-step metrics, final trained params) on the host."""
+  """`steps` jitted steps on 8 devices; (per-step metrics, final trained params, final AdamW
+  state) on the host."""
   mesh = sharding.make_mesh()
   data = frozen_cache.training_data(config, components, params, mesh, _images(1, 3),
                                     _images(2, 4), "a photo of sks toy", "a photo of toy")
@@ -48,7 +49,7 @@ def _train(components, params, config, steps):
   for step in range(steps):
     state, metrics = step_fn(state, frozen, sharding.put_batch(data.batch(step), mesh))
     history.append(jax.device_get(metrics))
-  return history, jax.device_get(state.params)
+  return history, jax.device_get(state.params), jax.device_get(state.opt_state)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,9 @@ def fp32_run(tiny):
 
 def test_gradient_accumulation_is_the_large_batch_step(tiny, fp32_run):
   components, params = tiny
-  history, trained = _train(components, jax.device_get(params), _config(grad_accum_steps=2), 3)
-  reference_history, reference = fp32_run
+  history, trained, _ = _train(components, jax.device_get(params), _config(grad_accum_steps=2),
+                               3)
+  reference_history, reference, _ = fp32_run
   for metrics, expected in zip(history, reference_history):
     for name in ("loss", "instance_loss", "prior_loss", "grad_norm"):
       np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-5)
@@ -83,10 +85,15 @@ def test_bfloat16_compute_stays_within_tolerance_of_float32(tiny_dir, fp32_run):
   parameter change of 3 steps pointing the same way (cosine > 0.95)."""
   components, params = models.load_pretrained(tiny_dir, dtype="bfloat16")
   params = jax.device_get(params)
-  history, trained = _train(components, params, _config(), 3)
-  reference_history, reference = fp32_run
-  assert jax.tree.leaves(trained)[0].dtype == np.float32  # master weights stay fp32
+  history, trained, opt_state = _train(components, params, _config(), 3)
+  reference_history, reference, _ = fp32_run
+  # Master weights and every AdamW moment stay float32, and so does the loss.
+  assert {leaf.dtype for leaf in jax.tree.leaves(trained)} == {np.dtype(np.float32)}
+  moments = [leaf for leaf in jax.tree.leaves(opt_state) if leaf.ndim > 0]
+  assert len(moments) == 2 * len(jax.tree.leaves(trained))
+  assert {leaf.dtype for leaf in moments} == {np.dtype(np.float32)}
   for metrics, expected in zip(history, reference_history):
+    assert metrics["loss"].dtype == np.float32
     np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=5e-3)
   change = lambda tree: np.concatenate([
       (np.asarray(a, np.float64) - b).ravel()
@@ -96,10 +103,22 @@ def test_bfloat16_compute_stays_within_tolerance_of_float32(tiny_dir, fp32_run):
   assert 0.95 < cosine < 1.0  # close, and not trivially identical
 
 
+def test_a_bfloat16_prediction_is_reduced_in_float32():
+  """The per-example MSE of bfloat16 model outputs is the float32 mean of their squared error:
+  a bfloat16 sum of 4096 terms would be off by ~1e-3 relative."""
+  rng = np.random.default_rng(0)
+  prediction, target = (jax.numpy.asarray(rng.normal(size=(2, 4, 32, 32)), jax.numpy.bfloat16)
+                        for _ in range(2))
+  mse = train_step.per_example_mse(prediction, target)
+  assert mse.dtype == np.float32
+  exact = np.square(np.asarray(prediction, np.float64) - np.asarray(target, np.float64))
+  np.testing.assert_allclose(mse, exact.reshape(2, -1).mean(1), rtol=1e-6)
+
+
 def test_bfloat16_param_dtype_keeps_weights_and_adam_moments_in_bfloat16(tiny):
   components, params = tiny
   config = _config(param_dtype="bfloat16")
-  history, trained = _train(components, jax.device_get(params), config, 1)
+  history, trained, _ = _train(components, jax.device_get(params), config, 1)
   assert {leaf.dtype for leaf in jax.tree.leaves(trained)} == {np.dtype(jax.numpy.bfloat16)}
   optimizer = train_step.make_optimizer(config.train)
   state = jax.eval_shape(lambda p: train_step.create_train_state(p, optimizer, 0, False,

@@ -147,3 +147,28 @@ def test_cli_rejects_bad_arguments():
   assert result.returncode == 2
   assert "--seeds must be >= 1" in result.stderr
   assert not os.path.exists("/tmp/unused")
+
+
+def test_the_cli_flags_shrink_the_experiment(monkeypatch, capsys, tmp_path):
+  """The command line's --seeds, --variants, --images_per_prompt and --steps become the
+  Settings that run_experiment is given (run_experiment itself honours them: the test-sized
+  run above), and --steps reaches every run's config."""
+  given = []
+  monkeypatch.setattr(experiment, "run_experiment",
+                      lambda out, settings: given.append((out, settings)) or {"table": "T"})
+  monkeypatch.setattr("dreambooth_jax.compilation_cache.enable", lambda: None)
+  out = str(tmp_path / "small")
+  experiment.main([f"--out={out}", "--seeds=2", "--variants=base,rare_prior",
+                   "--images_per_prompt=3", "--steps=7"])
+  assert given == [(out, experiment.Settings(seeds=(0, 1), variants=("base", "rare_prior"),
+                                             images_per_prompt=3,
+                                             config_overrides=(("train.steps", 7),)))]
+  assert capsys.readouterr().out == "T\n"
+  rare_prior = experiment.VARIANTS_BY_KEY["rare_prior"]
+  assert experiment.run_config(rare_prior, 1, out, given[0][1].config_overrides).train.steps == 7
+  # Without the flags: the README table's size (3 seeds, base + 4 variants, 8 images per
+  # prompt, the demo's 600 steps).
+  experiment.main([f"--out={out}"])
+  assert given[1][1] == experiment.Settings()
+  assert experiment.run_config(rare_prior, 0, out, ()).train.steps == 600
+  assert len(experiment.Settings().seeds) == 3 and len(experiment.Settings().variants) == 5

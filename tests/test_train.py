@@ -6,14 +6,16 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from PIL import Image
 
-from dreambooth_jax import models, train
+from dreambooth_jax import models, toyworld, train
 from tests import conftest
 from dreambooth_jax.data import input_pipeline
-from dreambooth_jax.training import checkpoints
+from dreambooth_jax.training import checkpoints, step as train_step
 from dreambooth_jax.toyworld import pretrain
 from tests import conftest
 
@@ -47,6 +49,14 @@ def test_run_writes_metrics_checkpoints_export_and_samples(straight_run):
   assert sorted(os.listdir(os.path.join(workdir, "eval"))) == ["step_000003.png",
                                                                "step_000006.png"]
   assert Image.open(os.path.join(workdir, "eval", "step_000006.png")).size == (2 * 32, 32)
+  # eval.prompts = () samples sample.prompts: the last validation grid (the final weights, the
+  # same seed and a sampler of the same settings) is the samples' grid, pixel for pixel.
+  with open(os.path.join(workdir, "config.json")) as f:
+    recorded = json.load(f)
+  assert recorded["eval"]["prompts"] == [] and len(recorded["sample"]["prompts"]) == 1
+  np.testing.assert_array_equal(
+      np.asarray(Image.open(os.path.join(workdir, "eval", "step_000006.png"))),
+      np.asarray(Image.open(os.path.join(workdir, "samples", "grid.png"))))
   with open(os.path.join(workdir, "prompts.json")) as f:
     assert json.load(f) == {"identifier": "sks", "instance_prompt": "a photo of sks toy",
                             "class_prompt": "a photo of toy"}
@@ -69,6 +79,8 @@ def test_interrupted_run_resumes_to_identical_state(straight_run, small_config, 
   (steps 4 and 5 are redone).
   """
   workdir = str(tmp_path / "resumed")
+  # Export-only (the training must not see it); its files are checked once, below.
+  small_config.export.fp16_variant = crash_at == 5
   original_batch = input_pipeline.DreamBoothData.batch
   calls = []
 
@@ -102,6 +114,24 @@ def test_interrupted_run_resumes_to_identical_state(straight_run, small_config, 
   for row, straight_row in zip(rows, straight_rows):
     for key in ("loss", "instance_loss", "prior_loss", "learning_rate", "grad_norm"):
       assert row[key] == straight_row[key], (row["step"], key)
+  if crash_at != 5:
+    return
+  # export.fp16_variant=true: float16 copies beside the float32 files, which load (as every
+  # stored dtype does) into float32 parameters and a float32 TrainState.
+  export = os.path.join(workdir, "export")
+  for name, file in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+    for variant, dtype in (("", "float32"), (".fp16", "float16")):
+      path = os.path.join(export, name, f"{file}{variant}.safetensors")
+      tensors = safetensors.numpy.load_file(path)
+      assert {v.dtype.name for v in tensors.values() if v.dtype.kind == "f"} == {dtype}
+  _, half = models.load_pretrained(export, variant="fp16")
+  as_half = lambda x: np.asarray(x).astype(np.float16).astype(np.float32)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, as_half(b), strict=True),
+               half["unet"], state.params["unet"])
+  optimizer = train_step.make_optimizer(small_config.train)
+  fresh = train_step.create_train_state(half, optimizer, 0, False, "float32")
+  assert {leaf.dtype.name for leaf in jax.tree.leaves((fresh.params, fresh.opt_state))
+          if jnp.issubdtype(leaf.dtype, jnp.floating)} == {"float32"}
 
 
 def test_checkpoint_restores_exactly(straight_run):
@@ -146,6 +176,26 @@ def test_demo_cli_end_to_end_then_sample_cli(tmp_path):
   assert Image.open(workdir / "samples" / "grid.png").size == (2 * 32, 5 * 32)
   with open(workdir / "export" / "text_encoder" / "config.json") as f:
     assert json.load(f)["max_position_embeddings"] == pretrain.MAX_LENGTH
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"Done. Metrics: {workdir}/metrics.jsonl  checkpoints: {workdir}/checkpoints  "
+      f"pipeline: {workdir}/export  samples: {workdir}/samples")
+  # The demo tunes the text encoder, and the export holds the tuned one: every weight of the
+  # exported encoder differs from the committed model's.
+  exported = {name: safetensors.numpy.load_file(str(workdir / "export" / name / file))
+              for name, file in (("unet", "diffusion_pytorch_model.safetensors"),
+                                 ("vae", "diffusion_pytorch_model.safetensors"),
+                                 ("text_encoder", "model.safetensors"))}
+  base = safetensors.numpy.load_file(os.path.join(toyworld.PRETRAINED_DIR, "text_encoder",
+                                                  "model.safetensors"))
+  assert sorted(exported["text_encoder"]) == sorted(base)
+  assert not [k for k in base if np.array_equal(exported["text_encoder"][k], base[k])]
+  # export.single_file (set by the demo): workdir/export.safetensors, float16, as many weights
+  # as the export's three components.
+  single = safetensors.numpy.load_file(str(workdir / "export.safetensors"))
+  floats = [v for v in single.values() if v.dtype.kind == "f"]
+  assert {v.dtype.name for v in floats} == {"float16"}
+  assert sum(v.size for v in floats) == sum(v.size for tensors in exported.values()
+                                            for v in tensors.values())
 
   out = tmp_path / "samples"
   result = _run_cli(["dreambooth_jax.sample", f"--pipeline={workdir}/export",

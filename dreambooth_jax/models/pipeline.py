@@ -381,8 +381,12 @@ def export_pipeline(components: Components, params: dict[str, Any], out_dir: str
     return
   tmp_dir = out_dir.rstrip("/") + ".tmp"
   shutil.rmtree(tmp_dir, ignore_errors=True)
-  write_pipeline_dir(components, host_params, tmp_dir, fp16_variant)
-  failpoints.at("export", 0)
+  try:
+    write_pipeline_dir(components, host_params, tmp_dir, fp16_variant)
+    failpoints.at("export", 0)
+  except BaseException:  # a full disk, Ctrl-C: no half-written folder is left behind
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    raise
   old_dir = out_dir.rstrip("/") + ".old"
   shutil.rmtree(old_dir, ignore_errors=True)
   if os.path.exists(out_dir):

@@ -1,5 +1,6 @@
 """Rare-token identifiers and prompt placeholders, with the tiny pipeline's CLIP tokenizer."""
 
+import json
 import subprocess
 import sys
 from unittest import mock
@@ -118,3 +119,29 @@ def test_an_identifier_of_several_tokens_is_accepted_with_a_warning(tokenizer):
   assert prompts.instance_prompt == "a photo of sks toy dog"
   message = warning.call_args.args[0] % warning.call_args.args[1:]
   assert message.startswith("data.identifier 'sks toy' is 2 tokens, not one")
+
+
+class _StopAfterPrompts(Exception):
+  pass
+
+
+def test_a_run_with_auto_writes_the_identifier_it_used_to_prompts_json(tmp_path, monkeypatch):
+  """The demo's run (whose toy-world tokenizer keeps three unused rare words) with
+  data.identifier=auto, stopped where it lays out the mesh, just after prompts.json. Seed 0
+  picks "zwx", not the default "sks"."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from dreambooth_jax import sharding, train  # pylint: disable=g-import-not-at-top
+
+  def stop(*args, **kwargs):
+    raise _StopAfterPrompts()
+
+  monkeypatch.setattr(sharding, "make_mesh", stop)
+  config = demo.get_config()
+  config.data.identifier, config.seed, picked = "auto", 0, "zwx"
+  with pytest.raises(_StopAfterPrompts):
+    train.train_and_evaluate(config, str(tmp_path))
+  tokenizer = models.load_tokenizer(config.model.pretrained)
+  assert picked in [c.text for c in identifiers.rank_identifiers(tokenizer)][:50]
+  with open(tmp_path / "prompts.json") as f:
+    assert json.load(f) == {"identifier": picked, "instance_prompt": f"a {picked} ball",
+                            "class_prompt": "a ball"}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dreambooth_jax import models, sharding
-from dreambooth_jax.models import pipeline, sampling, weights
+from dreambooth_jax.models import pipeline, sampling, single_file, weights
 
 PROMPT = "a photo of sks toy"
 
@@ -173,6 +173,33 @@ def export(tmp_path_factory, tiny):
   models.export_pipeline(components, params, str(out), fp16_variant=True,
                          single_file_path=str(single))
   return out, single, params
+
+
+def test_a_single_file_without_config_uses_its_familys_architecture_and_tokenizer_beside(
+    export, tmp_path, monkeypatch):
+  """model.pretrained=<file> alone: the shipped architecture of the family its keys show (here
+  a stand-in sd15.json of the tiny model's configs: the real one needs a 4 GB file) and the
+  CLIP tokenizer folder placed beside the file as tokenizer/."""
+  out, single, params = export
+  shipped = tmp_path / "architectures"
+  shipped.mkdir()
+  (shipped / "sd15.json").write_text(json.dumps(pipeline.read_configs(str(out))))
+  monkeypatch.setattr(single_file, "ARCHITECTURES_DIR", str(shipped))
+  model_dir = tmp_path / "community"
+  model_dir.mkdir()
+  path = str(model_dir / "model.safetensors")
+  shutil.copy(single, path)
+  with pytest.raises(models.ModelLoadError, match=(
+      f"^model.pretrained: {path} holds no tokenizer; put the model's CLIP tokenizer folder "
+      rf"\(vocab.json, merges.txt\) beside it as {model_dir}/tokenizer$")):
+    models.load_pretrained(path)
+  shutil.copytree(out / "tokenizer", model_dir / "tokenizer")
+  components, loaded = models.load_pretrained(path)
+  assert components.configs["unet"] == pipeline.read_configs(str(out))["unet"]
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.float16(b).astype(np.float32)),
+               loaded, params)
+  assert components.tokenizer.encode("a photo of sks toy").tolist() == (
+      models.load_tokenizer(str(out)).encode("a photo of sks toy").tolist())
 
 
 def test_export_is_atomic_and_replaces_an_old_export(export):

@@ -263,6 +263,15 @@ def test_fp16_variants_and_shards_load(models, tmp_path, name):
   assert_trees_equal(
       weights.load_component(str(tmp_path / "shards"), component, built.reference, "fp16"),
       expected)
+  # Plain float32 shards, as the hub's large repos have them: <name>.safetensors.index.json.
+  built.torch_model.save_pretrained(tmp_path / "shards32", safe_serialization=True,
+                                    max_shard_size=half_bytes // 2)
+  with open(tmp_path / "shards32" / f"{stem}.{ext}.index.json") as f:
+    assert len(set(json.load(f)["weight_map"].values())) > 1
+  assert not os.path.exists(tmp_path / "shards32" / f"{stem}.{ext}")
+  assert_trees_equal(
+      weights.load_component(str(tmp_path / "shards32"), component, built.reference),
+      library_conversion(built))
   # A variant that is not there is an error, not a silent fallback to the float32 file.
   with pytest.raises(weights.WeightsError, match=f"{stem}.fp16.{ext}"):
     weights.load_component(built.dir, component, built.reference, variant="fp16")
