@@ -11,6 +11,11 @@ Set DREAMBOOTH_JAX_FAILPOINTS to comma-separated `<point>:<index>:<action>` item
                       file but not yet renamed
 Actions: kill (SIGKILL), term (SIGTERM), hang (sleep until killed), enospc (raise "No space
 left on device"). Unset in normal runs, where `at` costs one dictionary lookup.
+
+DREAMBOOTH_JAX_TRACE=<file> makes `trace` append one line `<process index> <point> <fields>`
+per call to that file, so that a test of a multi-host run can see which process wrote which
+file ("write <path>") and built which batch rows ("rows <step> <example ids>"). Unset, `trace`
+too costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import signal
 import time
 
 ENV = "DREAMBOOTH_JAX_FAILPOINTS"
+TRACE_ENV = "DREAMBOOTH_JAX_TRACE"
 
 
 @functools.cache
@@ -57,3 +63,14 @@ def at(point: str, index: int) -> None:
 
 def enabled() -> bool:
   return bool(os.environ.get(ENV))
+
+
+def trace(point: str, *fields) -> None:
+  """Appends `<process index> <point> <fields>` to $DREAMBOOTH_JAX_TRACE, when it is set."""
+  path = os.environ.get(TRACE_ENV)
+  if not path:
+    return
+  import jax  # pylint: disable=g-import-not-at-top  (only a traced run pays for it here)
+  line = " ".join(str(field) for field in (jax.process_index(), point, *fields))
+  with open(path, "a") as f:  # one short O_APPEND write: processes never tear each other's
+    f.write(line + "\n")
