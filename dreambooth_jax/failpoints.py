@@ -9,8 +9,10 @@ Set DREAMBOOTH_JAX_FAILPOINTS to comma-separated `<point>:<index>:<action>` item
                       temporary folder but not yet renamed (index 0)
   class_image         data/class_images.py: when class image <index> is written to its .tmp
                       file but not yet renamed
+  batch               train.py: the batch of step <index> (1-based), as built on the host
 Actions: kill (SIGKILL), term (SIGTERM), hang (sleep until killed), enospc (raise "No space
-left on device"). Unset in normal runs, where `at` costs one dictionary lookup.
+left on device"); at `batch` only, nan (every image or latent of the batch is NaN, as a broken
+input would make it). Unset in normal runs, where `at` and `corrupt` cost one dictionary lookup.
 
 DREAMBOOTH_JAX_TRACE=<file> makes `trace` append one line `<process index> <point> <fields>`
 per call to that file, so that a test of a multi-host run can see which process wrote which
@@ -25,6 +27,8 @@ import functools
 import os
 import signal
 import time
+
+import numpy as np
 
 ENV = "DREAMBOOTH_JAX_FAILPOINTS"
 TRACE_ENV = "DREAMBOOTH_JAX_TRACE"
@@ -59,6 +63,16 @@ def at(point: str, index: int) -> None:
     raise OSError(errno.ENOSPC, f"No space left on device (injected at {point}:{index})")
   else:
     raise ValueError(f"{ENV}: unknown action {action!r}")
+
+
+def corrupt(point: str, index: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The batch, with its float arrays but the row masks all NaN under `<point>:<index>:nan`."""
+  spec = os.environ.get(ENV)
+  if not spec or _faults(spec).get((point, int(index))) != "nan":
+    return batch
+  return {name: np.full_like(value, np.nan)
+          if np.issubdtype(value.dtype, np.floating) and not name.endswith("_mask") else value
+          for name, value in batch.items()}
 
 
 def enabled() -> bool:

@@ -136,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     rows = sharding.local_rows(mesh, data.num_rows)  # this process builds only its rows
 
     def global_batch(step: int) -> dict[str, jax.Array]:
-      batch = data.batch(step, rows)
+      batch = failpoints.corrupt("batch", step + 1, data.batch(step, rows))
       failpoints.trace("rows", step + 1, *batch["example_id"])
       return sharding.put_batch(batch, mesh, data.num_rows)
 
