@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from dreambooth_jax import failpoints
+
 
 def write_text(path: str, text: str) -> None:
   """A killed process leaves the old file or the new one, never a torn mix."""
@@ -13,6 +15,7 @@ def write_text(path: str, text: str) -> None:
   with open(tmp_path, "w") as f:
     f.write(text)
   os.replace(tmp_path, path)
+  failpoints.trace("write", path)
 
 
 def write_json(path: str, value: Any, **dump_args) -> None:

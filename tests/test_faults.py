@@ -7,8 +7,10 @@ The subprocess runs share one workdir timeline (the module fixture), one fault p
   2. a run hangs at step 5 (holding the lock); a second run is refused; kill -9 the first
   3. kill -9 after checkpoint 6's files are written, before Orbax commits it
   4. SIGTERM at step 4
-  5. kill -9 while export/ is being written
-  6. a clean run finishes the job
+  5. step 5's batch is NaN, step 5 a checkpoint step but no log step: the check before the
+     checkpoint stops the run with exit status 1, keeping checkpoint 4
+  6. kill -9 while export/ is being written
+  7. a clean run finishes the job
 """
 
 import json
@@ -25,7 +27,7 @@ import jax
 import numpy as np
 import pytest
 
-from dreambooth_jax import errors, failpoints, models, train
+from dreambooth_jax import cli_errors, errors, failpoints, models, train
 from dreambooth_jax.data import input_pipeline
 from dreambooth_jax.training import (checkpoints, config_check, preemption, step as train_step,
                                      workdir_lock)
@@ -74,7 +76,7 @@ def _read(path):
 
 @pytest.fixture(scope="module")
 def timeline(tmp_path_factory, tiny_dir, instance_dir, straight_run):
-  """Runs the six faulty/clean runs on one workdir and records what each left behind."""
+  """Runs the seven faulty/clean runs on one workdir and records what each left behind."""
   workdir = str(tmp_path_factory.mktemp("faults") / "run")
   flags = _small_flags(tiny_dir, instance_dir)
   class_dir = os.path.join(workdir, "class_images")
@@ -124,13 +126,21 @@ def timeline(tmp_path_factory, tiny_dir, instance_dir, straight_run):
                          checkpoints=_listing(checkpoint_dir),
                          rows=[row["step"] for row in _rows(workdir)])
 
-  # 5. kill -9 while export/ is being written.
+  # 5. a non-finite loss at step 5 (its batch made NaN), caught before checkpoint 5 (log.* and
+  # checkpoint.* may change on resume; the next run's config is the timeline's again).
+  nan_flags = flags + ["--config.log.every_steps=6", "--config.checkpoint.every_steps=5"]
+  result = _run(workdir, nan_flags, fault="batch:5:nan")
+  seen["nan"] = dict(returncode=result.returncode, stderr=result.stderr,
+                     workdir=_listing(workdir), checkpoints=_listing(checkpoint_dir),
+                     rows=[row["step"] for row in _rows(workdir)])
+
+  # 6. kill -9 while export/ is being written.
   result = _run(workdir, flags, fault="export:0:kill")
   seen["export_kill"] = dict(returncode=result.returncode, workdir=_listing(workdir),
                              checkpoints=_listing(checkpoint_dir),
                              rows=[row["step"] for row in _rows(workdir)])
 
-  # 6. the same command, no fault.
+  # 7. the same command, no fault.
   result = _run(workdir, flags)
   seen["final"] = dict(returncode=result.returncode, stderr=result.stderr,
                        workdir=_listing(workdir), checkpoints=_listing(checkpoint_dir))
@@ -195,6 +205,20 @@ def test_sigterm_finishes_the_step_saves_and_exits_clearly(timeline):
   assert last_line.startswith("preempted: stopped at step 4 of 6 on SIGTERM; checkpoint saved")
   assert stopped["checkpoints"] == ["3", "4"]
   assert stopped["rows"] == [1, 2, 3, 4]  # rows 5 and 6 of the killed run 3 were dropped
+
+
+def test_a_non_finite_loss_ends_the_cli_with_one_line_and_exit_status_1(timeline):
+  """README "Non-finite loss" and the exit-status table, through the CLI."""
+  _, seen = timeline
+  stopped = seen["nan"]
+  assert stopped["returncode"] == 1, stopped["stderr"][-3000:]
+  assert stopped["stderr"].strip().splitlines()[-1] == (
+      "error: non-finite loss or gradient at step 5; stopped without saving it. Newest good "
+      "checkpoint: step 4. Lower train.learning_rate, or set train.skip_nonfinite_steps=true "
+      "to skip such steps")
+  # Step 5 logs nothing (log.every_steps=6): the check before checkpoint 5 stopped the run.
+  assert stopped["checkpoints"] == ["3", "4"] and stopped["rows"] == [1, 2, 3, 4]
+  assert "export" not in stopped["workdir"] and "samples" not in stopped["workdir"]
 
 
 def test_kill_during_export_is_rewritten_by_the_next_run(timeline, straight_run):
@@ -359,24 +383,23 @@ def test_lock_is_exclusive_and_released(tmp_path):
   assert os.path.getsize(tmp_path / "lock") == 0
 
 
-def test_sigterm_during_class_images_stops_after_the_batch_in_flight(tiny, tmp_path):
-  from dreambooth_jax import sharding  # pylint: disable=g-import-not-at-top
-  from dreambooth_jax.data import class_images  # pylint: disable=g-import-not-at-top
-  components, params = tiny
-  mesh = sharding.make_mesh()
-  config = conftest.make_small_config("unused", "unused")
-  asked = []
-
-  def stop_requested():  # SIGTERM arrives while the first batch (8 images) is generated
-    asked.append(True)
-    return len(asked) > 1
-
-  with pytest.raises(errors.Preempted, match="with 2 still missing; rerun"):
-    class_images.ensure_class_images(
-        str(tmp_path), 10, config.data.class_prompt, components,
-        sharding.put_replicated(params, mesh), mesh, 32, config.class_images, config.seed,
-        stop_requested=stop_requested)
-  assert sorted(os.listdir(tmp_path)) == [f"class_{i:05d}.png" for i in range(8)]
+def test_sigterm_during_class_images_stops_after_the_batch_in_flight(small_config, tmp_path,
+                                                                    monkeypatch, capsys):
+  """A real SIGTERM while image 3 of the first batch of 8 is written: the run (with the handler
+  train.py installs, ended as `main` ends it) finishes and keeps that batch, makes no other
+  image, and exits 143 with one line."""
+  workdir = str(tmp_path / "run")
+  small_config.data.num_class_images = 10  # two batches of 8 on the suite's 8 devices
+  monkeypatch.setenv(failpoints.ENV, "class_image:3:term")
+  with pytest.raises(SystemExit) as exit_status, cli_errors.one_line_errors():
+    train.train_and_evaluate(small_config, workdir)
+  assert exit_status.value.code == preemption.EXIT_CODE
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      "preempted: stopped generating class images with 2 still missing; rerun the same command "
+      "to make the rest")
+  assert sorted(os.listdir(os.path.join(workdir, "class_images"))) == [
+      f"class_{i:05d}.png" for i in range(8)]
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
 
 def test_a_preempted_run_resumes_without_compiling_its_train_step_again(tiny_dir, instance_dir,

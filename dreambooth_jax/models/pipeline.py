@@ -392,9 +392,11 @@ def export_pipeline(components: Components, params: dict[str, Any], out_dir: str
   if os.path.exists(out_dir):
     os.rename(out_dir, old_dir)
   os.rename(tmp_dir, out_dir)
+  failpoints.trace("write", os.path.join(out_dir, "*"))
   shutil.rmtree(old_dir, ignore_errors=True)
   if single_file_path:
     write_single_file(components, host_params, single_file_path)
+    failpoints.trace("write", single_file_path)
 
 
 def family_of(components: Components) -> str:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dreambooth_jax import atomic_files, models, sharding
+from dreambooth_jax import atomic_files, failpoints, models, sharding
 
 
 ANCESTRAL_NOISE_STREAM = 1  # folded into an image's key for the noise of ancestral steps
@@ -132,6 +132,7 @@ def write_png(image: np.ndarray, path: str,
   if before_commit is not None:
     before_commit()
   os.replace(tmp_path, path)
+  failpoints.trace("write", path)
 
 
 def make_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:

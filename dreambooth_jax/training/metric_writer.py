@@ -10,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-from dreambooth_jax import atomic_files
+from dreambooth_jax import atomic_files, failpoints
 
 
 def _import_summary_writer() -> type:
@@ -40,6 +40,7 @@ class MetricWriter:
     self._truncate_after(start_step)
     self._tensorboard = SummaryWriter(logdir=workdir, flush_secs=30,
                                       purge_step=start_step + 1 if start_step else None)
+    failpoints.trace("write", os.path.join(workdir, "events.out.tfevents.*"))
 
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.jsonl_path):
@@ -59,6 +60,7 @@ class MetricWriter:
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     with open(self.jsonl_path, "a") as f:
       f.write(json.dumps(row) + "\n")
+    failpoints.trace("write", self.jsonl_path)
     for name, value in scalars.items():
       self._tensorboard.add_scalar(name, float(value), global_step=step)
 

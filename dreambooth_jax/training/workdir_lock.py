@@ -17,6 +17,7 @@ from typing import Iterator
 
 from absl import logging
 
+from dreambooth_jax import failpoints
 from dreambooth_jax.errors import WorkdirLockedError
 
 LOCK_NAME = "lock"
@@ -55,6 +56,7 @@ def hold(workdir: str) -> Iterator[None]:
     os.ftruncate(fd, 0)
     os.pwrite(fd, record.encode(), 0)
     os.fsync(fd)
+    failpoints.trace("write", path)
     try:
       yield
     finally:
