@@ -356,8 +356,9 @@ def main(argv):
   if FLAGS.devices < 0:
     raise app.UsageError("--devices must be >= 0")
   with cli_errors.one_line_errors():
-    config_check.check_config(config)
+    # Before the config check, which may build a builtin model and so start jax.
     devices = sharding.use_devices(FLAGS.devices)
+    config_check.check_config(config)
     if FLAGS.compare and FLAGS.loop:
       raise app.UsageError("--compare and --loop are separate runs: give one")
     if FLAGS.compare:

@@ -48,7 +48,11 @@ def use_devices(count: int) -> list[jax.Device]:
                                f" --xla_force_host_platform_device_count={count}")
   devices = jax.devices()
   if count:
-    devices = (devices if len(devices) >= count else jax.devices("cpu"))[:count]
+    devices = devices if len(devices) >= count else jax.devices("cpu")
+    if len(devices) < count:  # jax started before the flag could be set
+      raise MeshError(f"--devices={count}: only {len(devices)} devices, and jax has already "
+                      "started, so no more can be simulated")
+    devices = devices[:count]
   return devices
 
 

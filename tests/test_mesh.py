@@ -2,6 +2,7 @@
 checkpoints that restore onto another mesh."""
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -148,3 +149,15 @@ def test_a_mesh_that_does_not_match_the_devices_is_refused_naming_the_fields(dat
   with pytest.raises(sharding.MeshError, match=r"config\." + field.replace(".", r"\.")):
     sharding.make_mesh(data=data, fsdp=fsdp)
   assert math.prod(sharding.make_mesh(data=0, fsdp=2).devices.shape) == 8
+
+
+def test_devices_that_cannot_be_simulated_any_more_are_refused_in_one_line(monkeypatch):
+  """--devices=N after jax has started: the first N when there are enough, else an input
+  error, never silently fewer devices."""
+  # use_devices appends to $XLA_FLAGS: restored afterwards, for the CLI runs of later tests.
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+  present = len(jax.devices())  # jax has started (8 simulated devices in the suite)
+  assert sharding.use_devices(2) == jax.devices()[:2]
+  with pytest.raises(sharding.MeshError, match=rf"^--devices={present + 8}: only {present} "
+                     r"devices, and jax has already started, so no more can be simulated$"):
+    sharding.use_devices(present + 8)
