@@ -1,5 +1,5 @@
 """The README's first command, the demo, run in full and checked against what the README says
-it does ("What the demo does").
+it does ("What the demo does"); then the sample CLI on its export.
 
 It runs as a user runs it: one CPU device, XLA's default optimisation level and the user's own
 jit cache folder (none of the suite's settings). `.ci/run` sets DREAMBOOTH_JAX_DEMO_WORKDIR so
@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from dreambooth_jax import models
+from dreambooth_jax.toyworld import pretrain
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +72,24 @@ def test_the_demo_tunes_every_unet_weight_and_the_text_encoder(demo):
   vae = load_file(os.path.join(workdir, "export", "vae", "diffusion_pytorch_model.safetensors"))
   base_vae = load_file(os.path.join(base, "vae", "diffusion_pytorch_model.safetensors"))
   assert all(np.array_equal(vae[k], base_vae[k]) for k in base_vae)  # the VAE stays frozen
-  assert os.path.getsize(os.path.join(workdir, "export.safetensors")) > 0  # export.single_file
+  with open(os.path.join(workdir, "export", "text_encoder", "config.json")) as f:
+    assert json.load(f)["max_position_embeddings"] == pretrain.MAX_LENGTH
+  with open(os.path.join(workdir, "prompts.json")) as f:
+    assert json.load(f)["instance_prompt"] == "a sks ball"
+
+
+def test_the_demo_also_writes_the_single_file_in_float16(demo):
+  """export.single_file (set by the demo): float16, as many weights as the three components."""
+  workdir, _ = demo
+  exported = [load_file(os.path.join(workdir, "export", name, file))
+              for name, file in (("unet", "diffusion_pytorch_model.safetensors"),
+                                 ("vae", "diffusion_pytorch_model.safetensors"),
+                                 ("text_encoder", "model.safetensors"))]
+  single = load_file(os.path.join(workdir, "export.safetensors"))
+  floats = [v for v in single.values() if v.dtype.kind == "f"]
+  assert {v.dtype.name for v in floats} == {"float16"}
+  assert sum(v.size for v in floats) == sum(v.size for tensors in exported
+                                            for v in tensors.values())
 
 
 def test_the_demo_samples_the_subject_in_four_new_scenes_and_a_ball(demo):
@@ -83,3 +101,18 @@ def test_the_demo_samples_the_subject_in_four_new_scenes_and_a_ball(demo):
                             "prompt1": "a sks ball in the snow",
                             "prompt2": "a sks ball at night", "prompt3": "a sks ball on grass",
                             "prompt4": "a ball"}
+
+
+def test_the_sample_cli_draws_from_the_demos_export(demo, tmp_path):
+  workdir, _ = demo
+  out = tmp_path / "samples"
+  result = subprocess.run([sys.executable, "-m", "dreambooth_jax.sample",
+                           f"--pipeline={workdir}/export", "--prompt=a sks ball on the beach",
+                           "--prompt=a ball", "--num_images=3", f"--out={out}", "--steps=2",
+                           "--scheduler=dpm"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(out)) == [
+      "grid.png", "prompt0_000.png", "prompt0_001.png", "prompt0_002.png", "prompt1_000.png",
+      "prompt1_001.png", "prompt1_002.png", "prompts.json"]
+  assert Image.open(out / "grid.png").size == (3 * 32, 2 * 32)

@@ -60,9 +60,9 @@ def _env(fault=None):
   return env
 
 
-def _run(workdir, flags, fault=None):
-  return subprocess.run(_command(workdir, flags), cwd=REPO, env=_env(fault), capture_output=True,
-                        text=True, timeout=600, check=False)
+def _run(workdir, flags, fault=None, **env):
+  return subprocess.run(_command(workdir, flags), cwd=REPO, env=dict(_env(fault), **env),
+                        capture_output=True, text=True, timeout=600, check=False)
 
 
 def _listing(path):
@@ -124,12 +124,17 @@ def timeline(tmp_path_factory, tiny_dir, instance_dir, straight_run):
   result = _run(workdir, flags, fault="step:4:term")
   seen["sigterm"] = dict(returncode=result.returncode, stderr=result.stderr,
                          checkpoints=_listing(checkpoint_dir),
-                         rows=[row["step"] for row in _rows(workdir)])
+                         rows=[row["step"] for row in _rows(workdir)],
+                         cached_steps=[name for name in os.listdir(
+                             os.environ["JAX_COMPILATION_CACHE_DIR"])
+                                       if name.startswith("jit_train_step")])
 
   # 5. a non-finite loss at step 5 (its batch made NaN), caught before checkpoint 5 (log.* and
   # checkpoint.* may change on resume; the next run's config is the timeline's again).
   nan_flags = flags + ["--config.log.every_steps=6", "--config.checkpoint.every_steps=5"]
-  result = _run(workdir, nan_flags, fault="batch:5:nan")
+  # It is also the resumed run of a preempted one: JAX_LOG_COMPILES shows where its train step
+  # came from.
+  result = _run(workdir, nan_flags, fault="batch:5:nan", JAX_LOG_COMPILES="1")
   seen["nan"] = dict(returncode=result.returncode, stderr=result.stderr,
                      workdir=_listing(workdir), checkpoints=_listing(checkpoint_dir),
                      rows=[row["step"] for row in _rows(workdir)])
@@ -402,27 +407,19 @@ def test_sigterm_during_class_images_stops_after_the_batch_in_flight(small_confi
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
 
-def test_a_preempted_run_resumes_without_compiling_its_train_step_again(tiny_dir, instance_dir,
-                                                                        tmp_path):
-  """The persistent jit cache is on: the resumed run loads the step from disk.
+def test_a_preempted_run_resumes_without_compiling_its_train_step_again(timeline):
+  """The persistent jit cache is on: the run after the SIGTERM (the timeline's NaN run, whose
+  log.* and checkpoint.* changes leave the step's program as it was) loads the step from disk.
 
-  Both runs use the suite's cache (conftest's $JAX_COMPILATION_CACHE_DIR), where the first
-  one finds or leaves the step: a private empty cache would only add a cold compile.
+  The timeline's runs use the suite's cache (conftest's $JAX_COMPILATION_CACHE_DIR); folded in
+  here from a test of its own that made two more CLI runs (issue 20).
   """
-  cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
-  workdir = str(tmp_path / "run")
-  flags = _small_flags(tiny_dir, instance_dir)
-  first = subprocess.run(_command(workdir, flags), cwd=REPO, env=_env("step:4:term"),
-                         capture_output=True, text=True, timeout=600, check=False)
-  assert first.returncode == preemption.EXIT_CODE, first.stderr[-2000:]
-  assert any(name.startswith("jit_train_step") for name in os.listdir(cache))
-  env = dict(_env(), JAX_LOG_COMPILES="1")
-  second = subprocess.run(_command(workdir, flags), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
-  assert second.returncode == 0, second.stderr[-2000:]
-  assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr
-  assert "PERSISTENT COMPILATION CACHE MISS for 'jit_train_step'" not in second.stderr
-  assert [row["step"] for row in _rows(workdir)] == [1, 2, 3, 4, 5, 6]
+  _, seen = timeline
+  assert seen["sigterm"]["cached_steps"]  # the preempted run found or left its step there
+  resumed = seen["nan"]["stderr"]
+  assert "Resumed from" in resumed
+  assert "Persistent compilation cache hit for 'jit_train_step'" in resumed
+  assert "PERSISTENT COMPILATION CACHE MISS for 'jit_train_step'" not in resumed
 
 
 def test_a_workdir_on_a_filesystem_without_locks_is_used_with_a_warning(tmp_path, monkeypatch):

@@ -1,9 +1,8 @@
-"""The trainer end to end: files on disk, exact resume, offline export, the CLIs."""
+"""The trainer end to end: files on disk, exact resume, offline export (the demo and sample
+CLIs: tests/test_demo.py)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,15 +11,10 @@ import pytest
 import safetensors.numpy
 from PIL import Image
 
-from dreambooth_jax import models, toyworld, train
-from tests import conftest
+from dreambooth_jax import models, train
 from dreambooth_jax.data import input_pipeline
 from dreambooth_jax.training import checkpoints, step as train_step
-from dreambooth_jax.toyworld import pretrain
 from tests import conftest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 _rows = conftest.metric_rows
 
@@ -148,61 +142,3 @@ def test_export_loads_back_with_the_trained_weights(straight_run):
   workdir, state = straight_run
   _, params = models.load_pretrained(os.path.join(workdir, "export"))
   jax.tree.map(np.testing.assert_array_equal, params["unet"], state.params["unet"])
-
-
-def _run_cli(args, env_extra=None, timeout=600):
-  env = dict(os.environ, **(env_extra or {}))
-  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout, check=False)
-
-
-def test_demo_cli_end_to_end_then_sample_cli(tmp_path):
-  workdir = tmp_path / "demo"
-  result = _run_cli(["dreambooth_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
-                     "--config.train.steps=4", "--config.train.warmup_steps=1",
-                     "--config.checkpoint.every_steps=2",
-                     "--config.data.num_class_images=2",
-                     "--config.class_images.num_inference_steps=2",
-                     "--config.sample.num_inference_steps=2", "--config.sample.num_images=2",
-                     "--config.log.every_steps=5"],
-                    env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2 " +
-                                         conftest.TEST_XLA_FLAGS})
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f"pipeline: {workdir}/export" in result.stderr
-  assert [row["step"] for row in _rows(workdir)] == [4]  # log every 5, and the last step
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
-  # The demo's model and subject: the committed toy-world pipeline and the striped ball.
-  assert json.loads((workdir / "prompts.json").read_text())["instance_prompt"] == "a sks ball"
-  assert Image.open(workdir / "samples" / "grid.png").size == (2 * 32, 5 * 32)
-  with open(workdir / "export" / "text_encoder" / "config.json") as f:
-    assert json.load(f)["max_position_embeddings"] == pretrain.MAX_LENGTH
-  assert result.stderr.strip().splitlines()[-1] == (
-      f"Done. Metrics: {workdir}/metrics.jsonl  checkpoints: {workdir}/checkpoints  "
-      f"pipeline: {workdir}/export  samples: {workdir}/samples")
-  # The demo tunes the text encoder, and the export holds the tuned one: every weight of the
-  # exported encoder differs from the committed model's.
-  exported = {name: safetensors.numpy.load_file(str(workdir / "export" / name / file))
-              for name, file in (("unet", "diffusion_pytorch_model.safetensors"),
-                                 ("vae", "diffusion_pytorch_model.safetensors"),
-                                 ("text_encoder", "model.safetensors"))}
-  base = safetensors.numpy.load_file(os.path.join(toyworld.PRETRAINED_DIR, "text_encoder",
-                                                  "model.safetensors"))
-  assert sorted(exported["text_encoder"]) == sorted(base)
-  assert not [k for k in base if np.array_equal(exported["text_encoder"][k], base[k])]
-  # export.single_file (set by the demo): workdir/export.safetensors, float16, as many weights
-  # as the export's three components.
-  single = safetensors.numpy.load_file(str(workdir / "export.safetensors"))
-  floats = [v for v in single.values() if v.dtype.kind == "f"]
-  assert {v.dtype.name for v in floats} == {"float16"}
-  assert sum(v.size for v in floats) == sum(v.size for tensors in exported.values()
-                                            for v in tensors.values())
-
-  out = tmp_path / "samples"
-  result = _run_cli(["dreambooth_jax.sample", f"--pipeline={workdir}/export",
-                     "--prompt=a sks ball on the beach", "--prompt=a ball",
-                     "--num_images=3", f"--out={out}", "--steps=2", "--scheduler=dpm"])
-  assert result.returncode == 0, result.stderr[-3000:]
-  names = sorted(os.listdir(out))
-  assert names == ["grid.png", "prompt0_000.png", "prompt0_001.png", "prompt0_002.png",
-                   "prompt1_000.png", "prompt1_001.png", "prompt1_002.png", "prompts.json"]
-  assert Image.open(out / "grid.png").size == (3 * 32, 2 * 32)
