@@ -13,8 +13,10 @@ loads as it is, and optionally a single file in the original layout.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -162,22 +164,45 @@ def _weight_candidates(component: str, variant: str | None) -> list[str]:
   return names + [_FLAX_FILES[component]]
 
 
+def hub_weight_files(files: set[str], component: str, variant: str | None) -> list[str] | None:
+  """The repo files of the one weight file `_component_weights` would read: the first of
+  today's names the repo has (the file itself, or its shard index and shards), else the Flax
+  msgpack; None if there is none. Other formats and variants beside it are not listed."""
+  for filename in weights.WEIGHT_FILES[component]:
+    single = f"{component}/{weights.with_variant(filename, variant)}"
+    if single in files:
+      return [single]
+    index = f"{component}/{weights.with_variant(filename + '.index.json', variant)}"
+    if index in files:  # shards are <stem>-00001-of-00002.<ext>, the variant inside the stem
+      stem, extension = single.rsplit(".", 1)
+      shard = re.compile(re.escape(stem) + r"-\d+-of-\d+\." + re.escape(extension))
+      return [index] + sorted(f for f in files if shard.fullmatch(f))
+  flax_file = f"{component}/{_FLAX_FILES[component]}"
+  return [flax_file] if variant is None and flax_file in files else None
+
+
+def hub_config_files(files: set[str]) -> list[str]:
+  """model_index.json and each component folder's .json/.txt files (configs, tokenizer),
+  without the shard indexes of weight files that are not fetched."""
+  return sorted(f for f in files if f == "model_index.json" or (
+      f.count("/") == 1 and f.endswith((".json", ".txt")) and ".index." not in f))
+
+
 def download_from_hub(repo_id: str, revision: str | None, variant: str | None = None) -> str:
-  """Downloads configs, tokenizer files and one weight format per component."""
+  """Downloads configs, tokenizer files and one weight file (or its shards) per component."""
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   files = set(huggingface_hub.list_repo_files(repo_id, revision=revision))
-  patterns = ["model_index.json", "*/*.json", "*/*.txt"]
+  wanted = hub_config_files(files)
   for component in WEIGHTED:
-    for name in _weight_candidates(component, variant):
-      shards = [f for f in files if f.startswith(f"{component}/{name}")]
-      if shards:  # the file, or its shard index and shards
-        patterns.append(f"{component}/{name.split('.safetensors')[0]}*")
-        break
-    else:
+    found = hub_weight_files(files, component, variant)
+    if found is None:
       raise ModelLoadError(f"model.pretrained: the hub repo {repo_id} has no weights for "
                            f"{component} (looked for "
                            f"{', '.join(_weight_candidates(component, variant))})")
-  return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    wanted += found
+  # Exact names (escaped: allow_patterns are fnmatch patterns).
+  return huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                           allow_patterns=[glob.escape(f) for f in wanted])
 
 
 def _component_weights(directory: str, component: str, variant: str | None) -> str:

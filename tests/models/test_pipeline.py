@@ -6,11 +6,13 @@ Oracles: diffusers 0.39 and transformers 4.57 (PyTorch, CPU torch) from the test
 import json
 import os
 import shutil
+import types
 
 import jax
 import numpy as np
 import pytest
 
+from configs import tiny as tiny_config
 from dreambooth_jax import models, sharding
 from dreambooth_jax.models import pipeline, sampling, single_file, weights
 
@@ -158,6 +160,128 @@ def test_an_earlier_flax_export_still_loads(tmp_path, tiny):
   assert (flax_dir / "unet" / "diffusion_flax_model.msgpack").is_file()
   _, loaded = models.load_pretrained(str(flax_dir))
   _flat_equal(loaded, params)
+
+
+_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _fake_hub(monkeypatch, tmp_path, repo_dir):
+  """huggingface_hub's own snapshot_download over a repo that is a local folder: the listing
+  and the file transfer are replaced, its filtering of allow_patterns is not. Returns the
+  record of the calls: listed (repo, revision), fetched (file, revision)."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import _snapshot_download  # pylint: disable=g-import-not-at-top
+  listing = sorted(os.path.relpath(os.path.join(root, name), repo_dir)
+                   for root, _, names in os.walk(repo_dir) for name in names)
+  calls = {"listed": [], "info": [], "fetched": []}
+
+  def list_repo_files(repo_id, revision=None, **unused):
+    calls["listed"].append((repo_id, revision))
+    return listing
+
+  def repo_info(self, repo_id, revision=None, **unused):
+    calls["info"].append((repo_id, revision))
+    return types.SimpleNamespace(sha=_SHA, siblings=[types.SimpleNamespace(rfilename=name)
+                                                     for name in listing])
+
+  def hf_hub_download(repo_id, filename, revision=None, cache_dir=None, **unused):
+    calls["fetched"].append((filename, revision))
+    path = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"), "snapshots",
+                        revision, filename)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    shutil.copyfile(os.path.join(repo_dir, filename), path)
+    return path
+
+  monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+  monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
+  monkeypatch.setattr(_snapshot_download, "hf_hub_download", hf_hub_download)
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+  return calls
+
+
+def _add_files(repo_dir, names):
+  for name in names:
+    path = repo_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not to be downloaded")
+
+
+# What SD 1.5's hub repo has beside the files a load needs: other formats and variants of each
+# component, ONNX, the safety checker's weights, the original single files.
+_EXTRA_FILES = [
+    f"{component}/{name}" for component in ("unet", "vae")
+    for name in ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors",
+                 "diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.non_ema.bin",
+                 "diffusion_pytorch_model.non_ema.safetensors", "diffusion_flax_model.msgpack")
+] + ["text_encoder/pytorch_model.bin", "text_encoder/model.fp16.safetensors",
+     "text_encoder/flax_model.msgpack", "onnx/unet/model.onnx", "onnx/unet/weights.pb",
+     "safety_checker/model.safetensors", "safety_checker/pytorch_model.bin",
+     "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.ckpt", "README.md", ".gitattributes"]
+
+
+def test_a_hub_id_downloads_only_configs_tokenizer_and_one_weight_file_per_component(
+    tmp_path, monkeypatch, tiny_dir, tiny):
+  """model.pretrained=<hub id> with model.revision: the revision is what the hub is asked for,
+  and of a repo like SD 1.5's only the configs, the tokenizer files and one weight file per
+  component are fetched; they are enough to load the model."""
+  repo = tmp_path / "repo"
+  shutil.copytree(tiny_dir, repo)
+  _add_files(repo, _EXTRA_FILES)
+  (repo / "safety_checker" / "config.json").write_text("{}")
+  (repo / "feature_extractor").mkdir()
+  (repo / "feature_extractor" / "preprocessor_config.json").write_text("{}")
+  calls = _fake_hub(monkeypatch, tmp_path, str(repo))
+  config = tiny_config.get_config()
+  config.model.pretrained, config.model.revision = "someone/tiny-sd", "v1.0"
+  _, params = models.load_configured(config.model)
+  assert calls["listed"] == [("someone/tiny-sd", "v1.0")]
+  assert calls["info"] == [("someone/tiny-sd", "v1.0")]
+  assert {revision for _, revision in calls["fetched"]} == {_SHA}  # what v1.0 resolved to
+  assert sorted(name for name, _ in calls["fetched"]) == [
+      "feature_extractor/preprocessor_config.json", "model_index.json",
+      "safety_checker/config.json", "scheduler/scheduler_config.json",
+      "text_encoder/config.json", "text_encoder/model.safetensors",
+      "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+      "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
+      "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+      "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+  _flat_equal(params, tiny[1])
+
+
+def test_a_hub_variant_or_sharded_repo_downloads_one_weight_file_or_its_shards(
+    tmp_path, monkeypatch):
+  """model.variant=fp16: the .fp16 file (or its index and shards) and nothing of the float32
+  ones; without a variant the float32 shards, and a .bin only where no safetensors exist."""
+  repo = tmp_path / "repo"
+  _add_files(repo, ["model_index.json", "unet/config.json", "vae/config.json",
+                    "text_encoder/config.json", "tokenizer/vocab.json"] + [
+      f"unet/diffusion_pytorch_model{variant}-0000{i}-of-00002.safetensors"
+      for variant in ("", ".fp16") for i in (1, 2)] + [
+      "unet/diffusion_pytorch_model.safetensors.index.json",
+      "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+      "unet/diffusion_pytorch_model.fp16.bin",
+      "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.fp16.bin",
+      "vae/diffusion_flax_model.msgpack", "text_encoder/model.safetensors",
+      "text_encoder/model.fp16.safetensors", "text_encoder/pytorch_model.bin"])
+  calls = _fake_hub(monkeypatch, tmp_path, str(repo))
+  configs = ["model_index.json", "text_encoder/config.json", "tokenizer/vocab.json",
+             "unet/config.json", "vae/config.json"]
+  pipeline.download_from_hub("someone/big-sd", "main", "fp16")
+  assert sorted(name for name, _ in calls["fetched"]) == sorted(configs + [
+      "text_encoder/model.fp16.safetensors",
+      "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+      "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+      "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+      "vae/diffusion_pytorch_model.fp16.bin"])
+  calls["fetched"].clear()
+  pipeline.download_from_hub("someone/big-sd", None)
+  assert sorted(name for name, _ in calls["fetched"]) == sorted(configs + [
+      "text_encoder/model.safetensors",
+      "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+      "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+      "unet/diffusion_pytorch_model.safetensors.index.json",
+      "vae/diffusion_pytorch_model.bin"])
+  assert calls["listed"] == [("someone/big-sd", "main"), ("someone/big-sd", None)]
 
 
 @pytest.fixture(scope="module")
