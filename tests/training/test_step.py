@@ -10,7 +10,7 @@ import pytest
 from configs import common
 from dreambooth_jax import sharding
 from dreambooth_jax.data import input_pipeline
-from dreambooth_jax.training import step as train_step
+from dreambooth_jax.training import config_check, step as train_step
 from dreambooth_jax.models import schedulers
 
 LAMBDA = 0.5
@@ -145,6 +145,86 @@ def test_lr_schedule_warmup_then_linear_decay():
   schedule = train_step.make_schedule(config)
   np.testing.assert_allclose([float(schedule(s)) for s in range(7)],
                              [0, 5e-5, 1e-4, 7.5e-5, 5e-5, 2.5e-5, 0], atol=1e-10)
+
+
+def test_lr_schedule_warmup_then_cosine_decay():
+  config = common.get_config().train
+  config.learning_rate, config.warmup_steps, config.steps = 1e-4, 2, 6
+  config.lr_schedule = "cosine"
+  assert "cosine" in config_check.LR_SCHEDULES  # what check_config accepts
+  schedule = train_step.make_schedule(config)
+  # After warmup: peak · (1 + cos(π · (s - 2) / 4)) / 2, 0 at train.steps and after.
+  np.testing.assert_allclose([float(schedule(s)) for s in range(8)],
+                             [0, 5e-5, 1e-4, 8.535533905932737e-05, 5e-5,
+                              1.4644660940672624e-05, 0, 0], rtol=1e-6, atol=1e-12)
+
+
+def _adam_updates(optimizer, params, grads_per_step):
+  """The updates `optimizer` makes, step by step, on `params` for the given gradients."""
+  opt_state, updates = optimizer.init(params), []
+  for grads in grads_per_step:
+    update, opt_state = optimizer.update(grads, opt_state, params)
+    updates.append(jax.device_get(update))
+  return updates
+
+
+@pytest.mark.parametrize("lr_schedule", ["linear", "cosine"])
+def test_text_encoder_learning_rate_has_the_unets_schedule_shape(lr_schedule):
+  """train.text_encoder_learning_rate is the encoder's peak on the UNet's warmup and decay;
+  from train.text_encoder_steps on its LR is 0. A constant gradient makes each AdamW update
+  -lr(step) (bias-corrected moments: m̂ = g, v̂ = g²; to 1e-5 relative, float32's rounding
+  of AdamW's bias correction 1 - 0.999^t), so the updates show the LRs."""
+  config = common.get_config().train
+  config.learning_rate, config.text_encoder_learning_rate = 1e-3, 3e-3
+  config.warmup_steps, config.steps, config.text_encoder_steps = 2, 8, 6
+  config.lr_schedule, config.train_text_encoder, config.weight_decay = lr_schedule, True, 0.0
+  params = {"unet": {"w": jnp.zeros(3)}, "text_encoder": {"w": jnp.zeros(2)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates = _adam_updates(train_step.make_optimizer(config), params, [grads] * 8)
+  unet_lr = np.asarray([-u["unet"]["w"][0] for u in updates])
+  text_lr = np.asarray([-u["text_encoder"]["w"][0] for u in updates])
+  decay = np.arange(6) / 6  # fraction of the 6 steps after warmup gone
+  shape = np.concatenate([[0, 0.5], 1 - decay if lr_schedule == "linear"
+                          else (1 + np.cos(np.pi * decay)) / 2])
+  np.testing.assert_allclose(unet_lr, 1e-3 * shape, rtol=2e-5, atol=1e-12)
+  np.testing.assert_allclose(text_lr, 3e-3 * shape * (np.arange(8) < 6), rtol=2e-5,
+                             atol=1e-12)
+  assert text_lr[5] > 0 and unet_lr[7] > 0  # the two stops are really at different steps
+
+
+def _numpy_adamw(grads_per_step, lr, b1, b2, eps):
+  """AdamW (no weight decay) on float64 gradients: the reference the clipping is checked on."""
+  m = v = 0.0
+  updates = []
+  for t, g in enumerate(grads_per_step, 1):
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    updates.append(-lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps))
+  return updates
+
+
+def test_max_grad_norm_clips_the_global_gradient_norm_before_adamw():
+  """train.max_grad_norm=1: a gradient of global norm 10 (over the UNet and text encoder
+  together) enters AdamW divided by 10; one of norm 0.5 unchanged."""
+  config = common.get_config().train
+  config.learning_rate, config.weight_decay, config.max_grad_norm = 1e-3, 0.0, 1.0
+  config.train_text_encoder = True
+  params = {"unet": {"w": jnp.zeros(4)}, "text_encoder": {"w": jnp.zeros(2)}}
+  big = np.asarray([6.0, 0.0, 0.0, 0.0, 8.0, 0.0])  # norm 10
+  small = np.asarray([-0.3, 0.0, 0.0, 0.0, 0.4, 0.0])  # norm 0.5
+  as_tree = lambda g: {"unet": {"w": jnp.asarray(g[:4], jnp.float32)},
+                       "text_encoder": {"w": jnp.asarray(g[4:], jnp.float32)}}
+  updates = _adam_updates(train_step.make_optimizer(config), params,
+                          [as_tree(big), as_tree(small)])
+  got = [np.concatenate([u["unet"]["w"], u["text_encoder"]["w"]]) for u in updates]
+  adam = dict(lr=1e-3, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+  expected = _numpy_adamw([big / 10, small], **adam)
+  for step in range(2):
+    # 2e-5: float32's rounding of AdamW's bias correction (see above).
+    np.testing.assert_allclose(got[step], expected[step], rtol=2e-5, atol=1e-12)
+  unclipped = _numpy_adamw([big, small], **adam)
+  # Unclipped, the second update would be another (Adam is scale-free in one step, not across
+  # steps): 2.4 times the first weight's.
+  assert abs(unclipped[1][0] / got[1][0] - 2.373) < 1e-3
 
 
 def _text_encoder_data(components):
