@@ -1,8 +1,11 @@
 """The trainer end to end: files on disk, exact resume, offline export (the demo and sample
 CLIs: tests/test_demo.py)."""
 
+import io
 import json
 import os
+import shutil
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +63,82 @@ def test_run_writes_metrics_checkpoints_export_and_samples(straight_run):
       "prompt0_000.png", "prompt0_001.png"]
 
 
+def _tensorboard_events(workdir: str) -> tuple[dict, dict]:
+  """(images {(tag, step): HWC uint8}, scalars {(tag, step): value}) of the workdir's event
+  files, read as TFRecords of Event protos (tensorboardX's own protos, no TensorFlow)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  images, scalars = {}, {}
+  for name in sorted(os.listdir(workdir)):
+    if not name.startswith("events.out.tfevents"):
+      continue
+    with open(os.path.join(workdir, name), "rb") as f:
+      data = f.read()
+    position = 0
+    while position < len(data):  # length (8 bytes), its CRC (4), the record, its CRC (4)
+      (length,) = struct.unpack("<Q", data[position:position + 8])
+      event = event_pb2.Event.FromString(data[position + 12:position + 12 + length])
+      position += 12 + length + 4
+      for value in event.summary.value:
+        if value.HasField("image"):
+          images[(value.tag, event.step)] = np.asarray(
+              Image.open(io.BytesIO(value.image.encoded_image_string)))
+        elif value.HasField("simple_value"):
+          scalars[(value.tag, event.step)] = value.simple_value
+  return images, scalars
+
+
+def test_validation_grids_samples_and_metrics_are_in_tensorboard(straight_run):
+  """eval.every_steps=3: the grids of steps 3 and 6 are TensorBoard images "eval", pixel for
+  pixel the PNGs in workdir/eval; the samples' grid is "samples"; the scalars are the rows of
+  metrics.jsonl (as float32)."""
+  workdir, _ = straight_run
+  images, scalars = _tensorboard_events(workdir)
+  assert sorted(images) == [("eval", 3), ("eval", 6), ("samples", 6)]
+  for step in (3, 6):
+    np.testing.assert_array_equal(
+        images[("eval", step)],
+        np.asarray(Image.open(os.path.join(workdir, "eval", f"step_{step:06d}.png"))))
+  np.testing.assert_array_equal(images[("samples", 6)],
+                                np.asarray(Image.open(os.path.join(workdir, "samples",
+                                                                   "grid.png"))))
+  assert not np.array_equal(images[("eval", 3)], images[("eval", 6)])  # the weights moved
+  for row in _rows(workdir):
+    for key in ("loss", "learning_rate", "grad_norm"):
+      assert scalars[(key, row["step"])] == np.float32(row[key]), (key, row["step"])
+
+
 class _Crash(Exception):
   pass
+
+
+def _count_metric_pulls(monkeypatch) -> list[tuple[int, int]]:
+  """Records (run, step of that run) of each jax.device_get given a step's metrics (or some
+  of them): the step function's outputs are kept, so their leaves are known by identity."""
+  runs, pulls = [], []
+  real_jit_on_mesh, real_device_get = train_step.jit_on_mesh, jax.device_get
+
+  def counting_jit_on_mesh(*args, **kwargs):
+    step_fn, outputs = real_jit_on_mesh(*args, **kwargs), []
+    runs.append(outputs)
+
+    def counted_step(state, frozen, batch):
+      state, metrics = step_fn(state, frozen, batch)
+      # The metrics are kept alive, so that their leaves' ids stay theirs.
+      outputs.append(({id(leaf) for leaf in jax.tree.leaves(metrics)}, metrics))
+      return state, metrics
+    return counted_step
+
+  def counting_device_get(x):
+    ids = {id(leaf) for leaf in jax.tree.leaves(x)}
+    for run, outputs in enumerate(runs):
+      for index, (leaf_ids, _) in enumerate(outputs):
+        if ids & leaf_ids:
+          pulls.append((run, index + 1))
+    return real_device_get(x)
+
+  monkeypatch.setattr(train_step, "jit_on_mesh", counting_jit_on_mesh)
+  monkeypatch.setattr(jax, "device_get", counting_device_get)
+  return pulls
 
 
 @pytest.mark.parametrize("crash_at", [1, 3, 5])
@@ -70,11 +147,24 @@ def test_interrupted_run_resumes_to_identical_state(straight_run, small_config, 
   """Crash while building the batch of step index `crash_at`, rerun: the same end state.
 
   1: before any checkpoint (starts over); 3: just after checkpoint 3; 5: between checkpoints
-  (steps 4 and 5 are redone).
+  (steps 4 and 5 are redone). Folded in, as each needs a run: crash_at=1 trains on a class
+  folder of one's own, crash_at=5 logs every 2 steps (which changes no number).
   """
   workdir = str(tmp_path / "resumed")
   # Export-only (the training must not see it); its files are checked once, below.
   small_config.export.fp16_variant = crash_at == 5
+  if crash_at == 5:
+    small_config.log.every_steps = 2
+  log_every = small_config.log.every_steps
+  straight_class_dir = os.path.join(straight_run[0], "class_images")
+  if crash_at == 1:  # data.class_dir holding class image 0 already (the straight run's)
+    class_dir = tmp_path / "my_class_images"
+    class_dir.mkdir()
+    shutil.copyfile(os.path.join(straight_class_dir, "class_00000.png"),
+                    class_dir / "class_00000.png")
+    kept = os.stat(class_dir / "class_00000.png")
+    small_config.data.class_dir = str(class_dir)
+  pulls = _count_metric_pulls(monkeypatch)
   original_batch = input_pipeline.DreamBoothData.batch
   calls = []
 
@@ -91,23 +181,35 @@ def test_interrupted_run_resumes_to_identical_state(straight_run, small_config, 
   first_run_calls = len(calls)
   assert calls[:crash_at + 1] == list(range(crash_at + 1))
   assert first_run_calls <= crash_at + 1 + small_config.train.prefetch_batches
-  assert [row["step"] for row in _rows(workdir)] == list(range(1, crash_at + 1))
+  logged = lambda first, last: [s for s in range(first, last + 1) if s % log_every == 0 or s == 6]
+  assert [row["step"] for row in _rows(workdir)] == logged(1, crash_at)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   expected_checkpoints = ["3"] if crash_at >= 3 else []
   assert sorted(os.listdir(checkpoint_dir)) == expected_checkpoints
   assert not os.path.exists(os.path.join(workdir, "export"))
+  if crash_at == 1:  # the missing image 1 was generated into it, image 0 left as it was
+    assert sorted(os.listdir(class_dir)) == ["class_00000.png", "class_00001.png"]
+    now = os.stat(class_dir / "class_00000.png")
+    assert (now.st_ino, now.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+    with open(class_dir / "class_00001.png", "rb") as mine, open(
+        os.path.join(straight_class_dir, "class_00001.png"), "rb") as straight:
+      assert mine.read() == straight.read()
+    assert not os.path.exists(os.path.join(workdir, "class_images"))
 
   state = jax.device_get(train.train_and_evaluate(small_config, workdir))
   resumed_from = 3 if crash_at >= 3 else 0
   assert calls[first_run_calls:] == list(range(resumed_from, 6))
+  # Metrics reach the host only at the logged steps, once each: no other pull of them.
+  assert pulls == [(0, s) for s in logged(1, crash_at)] + [
+      (1, s - resumed_from) for s in logged(resumed_from + 1, 6)]
   _, straight_state = straight_run
   assert int(state.step) == 6
   jax.tree.map(np.testing.assert_array_equal, state, straight_state)
-  rows, straight_rows = _rows(workdir), _rows(straight_run[0])
-  assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
-  for row, straight_row in zip(rows, straight_rows):
+  rows, straight_rows = _rows(workdir), {row["step"]: row for row in _rows(straight_run[0])}
+  assert [row["step"] for row in rows] == logged(1, 6)
+  for row in rows:
     for key in ("loss", "instance_loss", "prior_loss", "learning_rate", "grad_norm"):
-      assert row[key] == straight_row[key], (row["step"], key)
+      assert row[key] == straight_rows[row["step"]][key], (row["step"], key)
   if crash_at != 5:
     return
   # export.fp16_variant=true: float16 copies beside the float32 files, which load (as every
@@ -142,3 +244,4 @@ def test_export_loads_back_with_the_trained_weights(straight_run):
   workdir, state = straight_run
   _, params = models.load_pretrained(os.path.join(workdir, "export"))
   jax.tree.map(np.testing.assert_array_equal, params["unet"], state.params["unet"])
+

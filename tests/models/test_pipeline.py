@@ -15,6 +15,7 @@ import pytest
 from configs import tiny as tiny_config
 from dreambooth_jax import models, sharding
 from dreambooth_jax.models import pipeline, sampling, single_file, weights
+from dreambooth_jax.training import checkpoints, step as train_step
 
 PROMPT = "a photo of sks toy"
 
@@ -160,6 +161,46 @@ def test_an_earlier_flax_export_still_loads(tmp_path, tiny):
   assert (flax_dir / "unet" / "diffusion_flax_model.msgpack").is_file()
   _, loaded = models.load_pretrained(str(flax_dir))
   _flat_equal(loaded, params)
+
+
+def test_a_checkpoint_of_the_earlier_diffusers_flax_layer_restores(tmp_path, tiny):
+  """Before our model layer (commit 23da177) the TrainState held diffusers 0.39's
+  FlaxUNet2DConditionModel and transformers 4.57's FlaxCLIPTextModel parameter trees, with the
+  same optimizer and state fields: such an Orbax checkpoint restores into today's state (laid
+  out as train.py lays it out), every value as it was saved."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  components, params = tiny
+  key = jax.random.key(0)
+  unet = diffusers.FlaxUNet2DConditionModel.from_config(
+      pipeline.torch_config("unet", components.configs["unet"]))
+  text = transformers.FlaxCLIPTextModel(transformers.CLIPTextConfig(
+      **pipeline.torch_config("text_encoder", components.configs["text_encoder"])),
+      _do_init=False)
+  old_params = {"unet": jax.eval_shape(unet.init_weights, key),
+                "text_encoder": jax.eval_shape(lambda k: text.init_weights(k, (1, 77)), key)}
+  config = tiny_config.get_config().train
+  config.train_text_encoder = True
+  optimizer = train_step.make_optimizer(config)
+  new_state = lambda p: train_step.create_train_state(p, optimizer, 0, True)
+  # Every value of the old state drawn at random (in numpy: nothing to compile).
+  rng = np.random.default_rng(0)
+  old_state = jax.tree.map(
+      lambda s: (rng.standard_normal(s.shape) if np.issubdtype(s.dtype, np.floating)
+                 else rng.integers(1, 100, s.shape)).astype(s.dtype),
+      jax.eval_shape(new_state, old_params))
+  manager = checkpoints.make_manager(str(tmp_path), max_to_keep=1)
+  checkpoints.save(manager, old_state)
+  checkpoints.wait(manager)
+
+  shapes = jax.eval_shape(new_state, params)
+  mesh = sharding.make_mesh()
+  target = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+                        shapes, sharding.state_shardings(shapes, mesh))
+  restored = checkpoints.restore_latest(checkpoints.make_manager(str(tmp_path), 1), target)
+  assert int(restored.step) == int(old_state.step)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True),
+               jax.device_get(restored), old_state)
 
 
 _SHA = "0123456789abcdef0123456789abcdef01234567"
