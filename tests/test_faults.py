@@ -30,12 +30,15 @@ from unittest import mock
 
 import jax
 import numpy as np
+import optax
 import pytest
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
 
 from dreambooth_jax import cli_errors, errors, failpoints, models, train
 from dreambooth_jax.data import input_pipeline
-from dreambooth_jax.training import (checkpoints, config_check, metric_writer, preemption,
-                                     step as train_step, workdir_lock)
+from dreambooth_jax.training import (checkpoints, config_check, preemption, step as train_step,
+                                     workdir_lock)
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +86,7 @@ def _events(path):
   """The Event protos of one TensorBoard event file: TFRecords of (length, its masked CRC32C,
   data, its masked CRC32C); a torn last record, as a killed writer may leave, ends the file."""
   data, offset, events = _read(path), 0, []
-  crc = metric_writer.masked_crc32c
+  crc = masked_crc32c
   while offset + 12 <= len(data):
     header = data[offset:offset + 8]
     assert struct.unpack("<I", data[offset + 8:offset + 12])[0] == crc(header), path
@@ -93,7 +96,7 @@ def _events(path):
       break
     body = data[offset + 12:end - 4]
     assert struct.unpack("<I", data[end - 4:end])[0] == crc(body), path
-    events.append(metric_writer.event_pb2.Event.FromString(body))
+    events.append(event_pb2.Event.FromString(body))
     offset = end
   return events
 
@@ -108,7 +111,7 @@ def _tensorboard_view(workdir):
     for event in _events(os.path.join(workdir, name)):
       if event.HasField("file_version"):
         assert event.file_version == "brain.Event:2"
-      if event.session_log.status == metric_writer.event_pb2.SessionLog.START:
+      if event.session_log.status == event_pb2.SessionLog.START:
         view = {tag: [(step, value) for step, value in points if step < event.step]
                 for tag, points in view.items()}
       for value in event.summary.value:
@@ -465,6 +468,20 @@ def test_more_steps_extend_a_finished_run(straight_run, small_config, tmp_path):
   expected = float(train_step.make_schedule(small_config.train)(6))
   assert expected == pytest.approx(2e-4 / 5, rel=1e-6)
   assert rows[-1]["learning_rate"] == pytest.approx(expected, rel=1e-6)
+  # And the optimizer applied it: step 7 moved the weights by that rate times AdamW's direction
+  # (from the moments it saved at step 7 and the weights of step 6).
+  adam = next(leaf for leaf in jax.tree.leaves(
+      state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+              if isinstance(leaf, optax.ScaleByAdamState))
+  train_config = small_config.train
+  before = straight_run[1].params["unet"]["conv_in"]["kernel"]
+  moved = before - state.params["unet"]["conv_in"]["kernel"]
+  mu, nu = adam.mu["unet"]["conv_in"]["kernel"], adam.nu["unet"]["conv_in"]["kernel"]
+  direction = (mu / (1 - train_config.adam_b1 ** 7) /
+               (np.sqrt(nu / (1 - train_config.adam_b2 ** 7)) + train_config.adam_eps) +
+               train_config.weight_decay * before)
+  rate = float(np.sum(moved * direction) / np.sum(direction * direction))
+  assert rate == pytest.approx(expected, rel=1e-3)
   with open(os.path.join(workdir, "config.json")) as f:
     recorded = json.load(f)
   assert recorded["train"]["learning_rate"] == 2e-4 and recorded["train"]["steps"] == 7
