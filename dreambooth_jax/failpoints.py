@@ -60,7 +60,7 @@ def at(point: str, index: int) -> None:
     while True:
       time.sleep(1)
   elif action == "enospc":
-    raise OSError(errno.ENOSPC, f"No space left on device (injected at {point}:{index})")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a real full disk words it
   else:
     raise ValueError(f"{ENV}: unknown action {action!r}")
 

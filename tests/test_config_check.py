@@ -213,40 +213,50 @@ def test_check_workdir_new_or_existing_dir_is_fine_and_not_created(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The CLI (two subprocesses: each pays the jax imports)
+# The CLI (two subprocesses, started together: each pays the jax imports)
 
 
-def _run_cli(workdir, *flags):
-  return subprocess.run(
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+  """{case: (workdir, finished process)} of the CLI on an unknown field and on a bad value."""
+  root = tmp_path_factory.mktemp("cli")
+  flags = {"unknown_field": "--config.train.bogus=1",
+           "bad_resolution": "--config.data.resolution=100"}
+  started = {case: (root / case / "run", subprocess.Popen(
       [sys.executable, "-m", "dreambooth_jax.main", "--config=configs/tiny.py",
-       f"--workdir={workdir}", *flags],
-      cwd=str(REPO), env=dict(os.environ), capture_output=True, text=True, timeout=120)
+       f"--workdir={root / case / 'run'}", flag], cwd=str(REPO), env=dict(os.environ),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+             for case, flag in flags.items()}
+  finished = {}
+  for case, (workdir, process) in started.items():
+    stderr = process.communicate(timeout=120)[1]
+    finished[case] = (workdir, process.returncode, stderr)
+  return finished
 
 
 def _untouched(workdir: pathlib.Path) -> bool:
   return not workdir.exists() or not any(workdir.iterdir())
 
 
-def test_cli_unknown_field_fails_before_any_work(tmp_path):
-  workdir = tmp_path / "run"
-  result = _run_cli(workdir, "--config.train.bogus=1")
-  assert result.returncode == 2, result.stderr  # bad input, as the README's exit table says
-  assert result.stderr.strip().splitlines()[-1] == (
+def test_cli_unknown_field_fails_before_any_work(cli_runs):
+  workdir, returncode, stderr = cli_runs["unknown_field"]
+  assert returncode == 2, stderr  # bad input, as the README's exit table says
+  assert stderr.strip().splitlines()[-1] == (
       "error: --config.train.bogus: unknown config field (the fields are listed in "
       "configs/common.py)")
+  assert "Traceback" not in stderr
   assert _untouched(workdir)
 
 
-def test_cli_bad_resolution_is_one_line_and_writes_nothing(tmp_path):
-  workdir = tmp_path / "run"
-  result = _run_cli(workdir, "--config.data.resolution=100")
-  assert result.returncode == 2, result.stderr
-  lines = [line for line in result.stderr.splitlines() if line.strip()]
-  assert lines, result.stderr
+def test_cli_bad_resolution_is_one_line_and_writes_nothing(cli_runs):
+  workdir, returncode, stderr = cli_runs["bad_resolution"]
+  assert returncode == 2, stderr
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert lines, stderr
   assert lines[-1] == "error: config.data.resolution: must be a positive multiple of 8, got 100"
   assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
-  assert "Traceback" not in result.stderr
-  assert "Done." not in result.stderr
+  assert "Traceback" not in stderr
+  assert "Done." not in stderr
   assert _untouched(workdir)
 
 

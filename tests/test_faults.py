@@ -6,11 +6,15 @@ The subprocess runs share one workdir timeline (the module fixture), one fault p
   1. kill -9 while class image 1 is being written (image 0 is complete)
   2. a run hangs at step 5 (holding the lock); a second run is refused; kill -9 the first
   3. kill -9 after checkpoint 6's files are written, before Orbax commits it
-  4. SIGTERM at step 4
-  5. step 5's batch is NaN, step 5 a checkpoint step but no log step: the check before the
+  4. the disk is full when checkpoint 6 commits (checkpoint.max_to_keep=1): exit status 1,
+     checkpoint 3 kept
+  5. SIGTERM at step 4
+  6. step 5's batch is NaN, step 5 a checkpoint step but no log step: the check before the
      checkpoint stops the run with exit status 1, keeping checkpoint 4
-  6. kill -9 while export/ is being written
-  7. a clean run finishes the job
+  7. kill -9 while export/ is being written
+  8. a clean run finishes the job
+After each, metrics.jsonl and the TensorBoard events (as TensorBoard reads them) hold the same
+steps. Beside them, on a copy of the straight run, a resume with changed math is refused.
 """
 
 import json
@@ -18,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -25,7 +30,10 @@ from unittest import mock
 
 import jax
 import numpy as np
+import optax
 import pytest
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
 
 from dreambooth_jax import cli_errors, errors, failpoints, models, train
 from dreambooth_jax.data import input_pipeline
@@ -74,14 +82,68 @@ def _read(path):
     return f.read()
 
 
+def _events(path):
+  """The Event protos of one TensorBoard event file: TFRecords of (length, its masked CRC32C,
+  data, its masked CRC32C); a torn last record, as a killed writer may leave, ends the file."""
+  data, offset, events = _read(path), 0, []
+  crc = masked_crc32c
+  while offset + 12 <= len(data):
+    header = data[offset:offset + 8]
+    assert struct.unpack("<I", data[offset + 8:offset + 12])[0] == crc(header), path
+    (length,) = struct.unpack("<Q", header)
+    end = offset + 12 + length + 4
+    if end > len(data):
+      break
+    body = data[offset + 12:end - 4]
+    assert struct.unpack("<I", data[end - 4:end])[0] == crc(body), path
+    events.append(event_pb2.Event.FromString(body))
+    offset = end
+  return events
+
+
+def _tensorboard_view(workdir):
+  """{tag: [(step, scalar value or None for an image)]} as TensorBoard shows the workdir: its
+  event files read in name (= start time) order, a SessionLog.START at step s (a resumed run's
+  first event) hiding what earlier files logged at steps >= s (TensorBoard's
+  purge_orphaned_data, on by default, for files of version brain.Event:2)."""
+  view = {}
+  for name in sorted(n for n in os.listdir(workdir) if n.startswith("events.out.tfevents.")):
+    for event in _events(os.path.join(workdir, name)):
+      if event.HasField("file_version"):
+        assert event.file_version == "brain.Event:2"
+      if event.session_log.status == event_pb2.SessionLog.START:
+        view = {tag: [(step, value) for step, value in points if step < event.step]
+                for tag, points in view.items()}
+      for value in event.summary.value:
+        view.setdefault(value.tag, []).append(
+            (event.step, value.simple_value if value.HasField("simple_value") else None))
+  return view
+
+
+def _tensorboard_steps(workdir):
+  return [step for step, _ in _tensorboard_view(workdir).get("loss", [])]
+
+
 @pytest.fixture(scope="module")
 def timeline(tmp_path_factory, tiny_dir, instance_dir, straight_run):
-  """Runs the seven faulty/clean runs on one workdir and records what each left behind."""
+  """Runs the eight faulty/clean runs on one workdir and records what each left behind."""
   workdir = str(tmp_path_factory.mktemp("faults") / "run")
   flags = _small_flags(tiny_dir, instance_dir)
   class_dir = os.path.join(workdir, "class_images")
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   seen = {}
+
+  # Beside the timeline (its own workdir, a copy of the straight run: it fails before any work,
+  # so it runs while run 1 does): the same command with changed math on a finished run.
+  changed_workdir = str(tmp_path_factory.mktemp("changed") / "run")
+  shutil.copytree(straight_run[0], changed_workdir)
+  changed_before = {name: os.stat(os.path.join(changed_workdir, name)).st_mtime_ns
+                    for name in ("config.json", "metrics.jsonl")}
+  changed_log = open(os.path.join(os.path.dirname(changed_workdir), "stderr"), "w+")
+  changed = subprocess.Popen(
+      _command(changed_workdir, flags + ["--config.data.resolution=64",
+                                         "--config.train.learning_rate=0.0002"]),
+      cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=changed_log, text=True)
 
   # 1. kill -9 inside class-image generation.
   result = _run(workdir, flags, fault="class_image:1:kill")
@@ -110,6 +172,7 @@ def timeline(tmp_path_factory, tiny_dir, instance_dir, straight_run):
       holder.wait(timeout=60)
   seen["step_kill"] = dict(returncode=holder.returncode, checkpoints=_listing(checkpoint_dir),
                            rows=[row["step"] for row in _rows(workdir)],
+                           tensorboard=_tensorboard_steps(workdir),
                            class_files=_listing(class_dir),
                            image0=(_read(image0), os.stat(image0).st_mtime_ns),
                            image1=_read(os.path.join(class_dir, "class_00001.png")))
@@ -118,18 +181,29 @@ def timeline(tmp_path_factory, tiny_dir, instance_dir, straight_run):
   result = _run(workdir, flags, fault="checkpoint_commit:6:kill")
   seen["commit_kill"] = dict(returncode=result.returncode, stderr=result.stderr,
                              checkpoints=_listing(checkpoint_dir),
-                             rows=[row["step"] for row in _rows(workdir)])
+                             rows=[row["step"] for row in _rows(workdir)],
+                             tensorboard=_tensorboard_steps(workdir))
 
-  # 4. SIGTERM at step 4.
+  # 4. the disk full when checkpoint 6 commits; checkpoint.max_to_keep=1 (checkpoint.* may
+  # change on resume), so that checkpoint 3 would be gone if it were deleted before the commit.
+  result = _run(workdir, flags + ["--config.checkpoint.max_to_keep=1"],
+                fault="checkpoint_commit:6:enospc")
+  seen["disk_full"] = dict(returncode=result.returncode, stderr=result.stderr,
+                           workdir=_listing(workdir), checkpoints=_listing(checkpoint_dir),
+                           rows=[row["step"] for row in _rows(workdir)],
+                           tensorboard=_tensorboard_steps(workdir))
+
+  # 5. SIGTERM at step 4.
   result = _run(workdir, flags, fault="step:4:term")
   seen["sigterm"] = dict(returncode=result.returncode, stderr=result.stderr,
                          checkpoints=_listing(checkpoint_dir),
                          rows=[row["step"] for row in _rows(workdir)],
+                         tensorboard=_tensorboard_steps(workdir),
                          cached_steps=[name for name in os.listdir(
                              os.environ["JAX_COMPILATION_CACHE_DIR"])
                                        if name.startswith("jit_train_step")])
 
-  # 5. a non-finite loss at step 5 (its batch made NaN), caught before checkpoint 5 (log.* and
+  # 6. a non-finite loss at step 5 (its batch made NaN), caught before checkpoint 5 (log.* and
   # checkpoint.* may change on resume; the next run's config is the timeline's again).
   nan_flags = flags + ["--config.log.every_steps=6", "--config.checkpoint.every_steps=5"]
   # It is also the resumed run of a preempted one: JAX_LOG_COMPILES shows where its train step
@@ -137,18 +211,28 @@ def timeline(tmp_path_factory, tiny_dir, instance_dir, straight_run):
   result = _run(workdir, nan_flags, fault="batch:5:nan", JAX_LOG_COMPILES="1")
   seen["nan"] = dict(returncode=result.returncode, stderr=result.stderr,
                      workdir=_listing(workdir), checkpoints=_listing(checkpoint_dir),
-                     rows=[row["step"] for row in _rows(workdir)])
+                     rows=[row["step"] for row in _rows(workdir)],
+                     tensorboard=_tensorboard_steps(workdir))
 
-  # 6. kill -9 while export/ is being written.
+  # 7. kill -9 while export/ is being written.
   result = _run(workdir, flags, fault="export:0:kill")
   seen["export_kill"] = dict(returncode=result.returncode, workdir=_listing(workdir),
                              checkpoints=_listing(checkpoint_dir),
-                             rows=[row["step"] for row in _rows(workdir)])
+                             rows=[row["step"] for row in _rows(workdir)],
+                             tensorboard=_tensorboard_steps(workdir))
 
-  # 7. the same command, no fault.
+  # 8. the same command, no fault.
   result = _run(workdir, flags)
   seen["final"] = dict(returncode=result.returncode, stderr=result.stderr,
                        workdir=_listing(workdir), checkpoints=_listing(checkpoint_dir))
+
+  changed.wait(timeout=600)
+  changed_log.seek(0)
+  seen["changed_math"] = dict(
+      returncode=changed.returncode, stderr=changed_log.read(), workdir=changed_workdir,
+      unchanged=changed_before == {name: os.stat(os.path.join(changed_workdir, name)).st_mtime_ns
+                                   for name in changed_before})
+  changed_log.close()
   return workdir, seen
 
 
@@ -191,15 +275,31 @@ def test_kill_during_a_step_keeps_the_last_checkpoint(timeline):
 
 
 def test_kill_during_checkpoint_commit_leaves_only_a_temporary_folder(timeline):
-  _, seen = timeline
+  workdir, seen = timeline
   killed = seen["commit_kill"]
   assert killed["returncode"] == -signal.SIGKILL
   assert killed["checkpoints"][0] == "3"
   assert [name for name in killed["checkpoints"] if name != "3"] == [
       "6.orbax-checkpoint-tmp"]  # written, not committed: never listed as step 6
   assert killed["rows"] == [1, 2, 3, 4, 5, 6]
-  # The next run resumed from 3 (not from the uncommitted 6) and removed the temporary folder.
+  # The next run resumed from 3 (not from the uncommitted 6); the temporary folders are removed.
+  assert f"Resumed from {workdir}/checkpoints at step 3" in seen["disk_full"]["stderr"]
   assert seen["sigterm"]["checkpoints"] == ["3", "4"]
+
+
+def test_disk_full_during_a_checkpoint_fails_in_one_line_keeping_the_previous_one(timeline):
+  """README "Disk full", through the CLI: the whole line, exit status 1; checkpoint 3, the only
+  one kept (checkpoint.max_to_keep=1), is not deleted before a newer one commits. The runs
+  after it resume from it and end bitwise-equal to the straight run (the last test here)."""
+  workdir, seen = timeline
+  full = seen["disk_full"]
+  assert full["returncode"] == 1, full["stderr"][-3000:]
+  assert full["stderr"].strip().splitlines()[-1] == (
+      f"error: saving a checkpoint in {workdir}/checkpoints failed ([Errno 28] No space left on "
+      "device); the newest complete checkpoint is kept: step 3")
+  assert [name for name in full["checkpoints"] if not name.endswith("-tmp")] == ["3"]
+  assert full["rows"] == [1, 2, 3, 4, 5, 6]
+  assert "export" not in full["workdir"] and "export.tmp" not in full["workdir"]
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_clearly(timeline):
@@ -254,36 +354,50 @@ def test_after_every_fault_the_run_ends_bitwise_equal_to_a_straight_run(timeline
     assert row == straight_row
 
 
+def test_tensorboard_shows_each_step_once_after_every_fault(timeline):
+  """README "Exact resume": metrics.jsonl rows "(and TensorBoard events)" after the checkpoint
+  are dropped, so no step is missing or doubled. After each run of the timeline, TensorBoard's
+  view of the event files holds the steps metrics.jsonl holds; at the end, the same values."""
+  workdir, seen = timeline
+  for run in ("step_kill", "commit_kill", "disk_full", "sigterm", "nan", "export_kill"):
+    assert seen[run]["tensorboard"] == seen[run]["rows"], run
+  view, rows = _tensorboard_view(workdir), _rows(workdir)
+  assert sorted(view) == sorted(["eval", "samples"] + [key for key in rows[0] if key != "step"])
+  for key in rows[0]:
+    if key != "step":
+      assert view[key] == [(row["step"], float(np.float32(row[key]))) for row in rows], key
+  assert view["eval"] == [(3, None), (6, None)] and view["samples"] == [(6, None)]
+
+
+def test_resume_with_changed_math_is_refused_naming_old_and_new_values(timeline):
+  """README "Config change on resume", through the CLI: the whole line of the README's example,
+  exit status 2 (an input to fix), the workdir's config and metrics untouched."""
+  _, seen = timeline
+  changed = seen["changed_math"]
+  assert changed["returncode"] == 2, changed["stderr"][-3000:]
+  assert changed["stderr"].strip().splitlines()[-1] == (
+      "error: config differs from the run this workdir holds (data.resolution: 32 → 64; "
+      "train.learning_rate: 0.0001 → 0.0002); use the old values, another --workdir, or "
+      "--config.resume_ignore_changes=true")
+  assert "train:" not in changed["stderr"]  # refused before any step
+  assert changed["unchanged"]
+
+
 # ------------------------------------------------------------------------------------------
-# In-process faults: a full disk, NaN losses, config changes on resume.
+# In-process faults: NaN/Inf losses, config changes on resume.
 
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one(straight_run, small_config,
-                                                               tmp_path, monkeypatch):
-  workdir = str(tmp_path / "full")
-  small_config.checkpoint.max_to_keep = 1  # so that the old checkpoint is the only copy
-  monkeypatch.setenv(failpoints.ENV, "checkpoint_commit:6:enospc")
-  with pytest.raises(checkpoints.CheckpointError) as error:
-    train.train_and_evaluate(small_config, workdir)
-  message = str(error.value)
-  assert "No space left on device" in message and "kept: step 3" in message
-  assert "\n" not in message
-  assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
-  assert not os.path.exists(os.path.join(workdir, "export"))
-
-  monkeypatch.delenv(failpoints.ENV)  # space freed: the same command resumes from step 3
-  state = jax.device_get(train.train_and_evaluate(small_config, workdir))
-  jax.tree.map(np.testing.assert_array_equal, state, straight_run[1])
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
-
-
-def _nan_at_step(monkeypatch, nan_step):
-  """Makes the batch of step `nan_step` (1-based) all NaN latents, as a broken input would."""
+def _nan_at_step(monkeypatch, nan_step, inf_loss_step=None):
+  """Makes the batch of step `nan_step` (1-based) all NaN latents, as a broken input would, and
+  that of `inf_loss_step` weigh its instance row by 3e38: its loss overflows to +Inf while its
+  gradient (the weight over the weight sum) stays finite."""
   original_batch = input_pipeline.DreamBoothData.batch
 
   def batch(self, step, rows=slice(None)):
     result = original_batch(self, step, rows)
     if step + 1 == nan_step:
       result = dict(result, latent_mean=np.full_like(result["latent_mean"], np.nan))
+    if step + 1 == inf_loss_step:
+      result = dict(result, instance_mask=result["instance_mask"] * np.float32(3e38))
     return result
 
   monkeypatch.setattr(input_pipeline.DreamBoothData, "batch", batch)
@@ -304,75 +418,76 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_good_checkpoint(
 
 
 def test_nan_steps_can_be_skipped_and_counted(small_config, tmp_path, monkeypatch):
+  """README "Non-finite loss": a step whose loss is +Inf (step 2, its gradient finite) or NaN
+  (step 5) is never applied; with skip_nonfinite_steps the run counts and skips it."""
   workdir = str(tmp_path / "skip")
   small_config.train.skip_nonfinite_steps = True
   small_config.checkpoint.every_steps = 1
   small_config.checkpoint.max_to_keep = 6
-  _nan_at_step(monkeypatch, 5)
+  _nan_at_step(monkeypatch, 5, inf_loss_step=2)
   state = jax.device_get(train.train_and_evaluate(small_config, workdir))
-  assert int(state.step) == 6 and int(state.nonfinite_steps) == 1
-  assert int(state.first_nonfinite_step) == 5
-  assert [row["nonfinite_steps"] for row in _rows(workdir)] == [0, 0, 0, 0, 1, 1]
+  assert int(state.step) == 6 and int(state.nonfinite_steps) == 2
+  assert int(state.first_nonfinite_step) == 2
+  rows = _rows(workdir)
+  assert [row["nonfinite_steps"] for row in rows] == [0, 1, 1, 1, 2, 2]
+  assert rows[1]["loss"] == np.inf and np.isfinite(rows[1]["grad_norm"])
+  assert np.isnan(rows[4]["loss"])
   manager = checkpoints.make_manager(workdir, max_to_keep=6)
-  after = {step: jax.device_get(manager.restore(step)) for step in (4, 5, 6)}
-  # Step 5 changed nothing but the counters; step 6 trained again.
-  jax.tree.map(np.testing.assert_array_equal, after[5]["params"], after[4]["params"])
-  jax.tree.map(np.testing.assert_array_equal, after[5]["opt_state"], after[4]["opt_state"])
-  assert not np.array_equal(after[6]["params"]["unet"]["conv_in"]["kernel"],
-                            after[5]["params"]["unet"]["conv_in"]["kernel"])
-
-
-def test_resume_with_changed_math_is_refused_naming_old_and_new_values(straight_run, small_config,
-                                                                      tmp_path):
-  workdir = str(tmp_path / "changed")
-  shutil.copytree(straight_run[0], workdir)
-  before = {name: os.stat(os.path.join(workdir, name)).st_mtime_ns
-            for name in ("config.json", "metrics.jsonl")}
-  small_config.train.learning_rate = 2e-4
-  small_config.data.resolution = 64
-  with pytest.raises(config_check.ConfigError) as error:
-    train.train_and_evaluate(small_config, workdir)
-  message = str(error.value)
-  assert "\n" not in message
-  assert "data.resolution: 32 → 64" in message
-  assert "train.learning_rate: 0.0001 → 0.0002" in message
-  assert "--config.resume_ignore_changes=true" in message
-  assert {name: os.stat(os.path.join(workdir, name)).st_mtime_ns for name in before} == before
-
-
-def test_resume_ignore_changes_accepts_and_records_the_new_config(small_config, tmp_path):
-  workdir = str(tmp_path)
-  os.makedirs(os.path.join(workdir, "checkpoints", "3"))
-  train.record_config(small_config, workdir)
-  changed = conftest.make_small_config(small_config.model.pretrained,
-                                       small_config.data.instance_dir)
-  changed.train.prior_loss_weight = 0.5
-  changed.train.steps = 9  # always allowed
-  changed.log.every_steps = 2  # always allowed
-  with pytest.raises(config_check.ConfigError, match=r"train.prior_loss_weight: 1.0 → 0.5\)"):
-    train.record_config(changed, workdir)
-  changed.resume_ignore_changes = True
-  train.record_config(changed, workdir)
-  with open(os.path.join(workdir, "config.json")) as f:
-    assert '"prior_loss_weight": 0.5' in f.read()
-  changed.resume_ignore_changes = False  # the recorded config is now the reference
-  train.record_config(changed, workdir)
+  after = {step: jax.device_get(manager.restore(step)) for step in range(1, 7)}
+  # Steps 2 and 5 changed nothing but the counters; steps 3 and 6 trained again.
+  for bad in (2, 5):
+    jax.tree.map(np.testing.assert_array_equal, after[bad]["params"], after[bad - 1]["params"])
+    jax.tree.map(np.testing.assert_array_equal, after[bad]["opt_state"],
+                 after[bad - 1]["opt_state"])
+    assert not np.array_equal(after[bad + 1]["params"]["unet"]["conv_in"]["kernel"],
+                              after[bad]["params"]["unet"]["conv_in"]["kernel"])
 
 
 def test_more_steps_extend_a_finished_run(straight_run, small_config, tmp_path):
+  """README "Config change on resume": raising train.steps continues a finished run (the decaying
+  LR schedule re-evaluated for the new length); a changed learning rate is refused, and with
+  resume_ignore_changes=true applies from the restored step on and is recorded in config.json."""
   workdir = str(tmp_path / "extended")
   shutil.copytree(straight_run[0], workdir)
   small_config.train.steps = 7
+  small_config.train.learning_rate = 2e-4
+  with pytest.raises(config_check.ConfigError) as error:  # train.steps may change: not named
+    train.train_and_evaluate(small_config, workdir)
+  assert str(error.value) == (
+      "config differs from the run this workdir holds (train.learning_rate: 0.0001 → 0.0002); "
+      "use the old values, another --workdir, or --config.resume_ignore_changes=true")
+  small_config.resume_ignore_changes = True
   state = jax.device_get(train.train_and_evaluate(small_config, workdir))
   assert int(state.step) == 7
-  rows = _rows(workdir)
+  rows, straight_rows = _rows(workdir), _rows(straight_run[0])
   assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6, 7]
+  assert rows[:6] == straight_rows  # the finished steps, as the old config ran them
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6", "7"]
-  # The linear decay re-evaluated for 7 steps: step 7 runs at a fifth of the peak, where the
-  # 6-step schedule had already reached 0.
+  # Step 7 runs on the new 7-step linear decay of the new peak: a fifth of 2e-4, where the old
+  # 6-step schedule had already reached 0 (and the old peak's 7-step one would give 2e-5).
   expected = float(train_step.make_schedule(small_config.train)(6))
-  assert expected == pytest.approx(small_config.train.learning_rate / 5, rel=1e-6)
+  assert expected == pytest.approx(2e-4 / 5, rel=1e-6)
   assert rows[-1]["learning_rate"] == pytest.approx(expected, rel=1e-6)
+  # And the optimizer applied it: step 7 moved the weights by that rate times AdamW's direction
+  # (from the moments it saved at step 7 and the weights of step 6).
+  adam = next(leaf for leaf in jax.tree.leaves(
+      state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+              if isinstance(leaf, optax.ScaleByAdamState))
+  train_config = small_config.train
+  before = straight_run[1].params["unet"]["conv_in"]["kernel"]
+  moved = before - state.params["unet"]["conv_in"]["kernel"]
+  mu, nu = adam.mu["unet"]["conv_in"]["kernel"], adam.nu["unet"]["conv_in"]["kernel"]
+  direction = (mu / (1 - train_config.adam_b1 ** 7) /
+               (np.sqrt(nu / (1 - train_config.adam_b2 ** 7)) + train_config.adam_eps) +
+               train_config.weight_decay * before)
+  rate = float(np.sum(moved * direction) / np.sum(direction * direction))
+  assert rate == pytest.approx(expected, rel=1e-3)
+  with open(os.path.join(workdir, "config.json")) as f:
+    recorded = json.load(f)
+  assert recorded["train"]["learning_rate"] == 2e-4 and recorded["train"]["steps"] == 7
+  # The recorded config is the reference now: the same values resume without the flag, and a
+  # step count below the checkpoint is refused.
+  small_config.resume_ignore_changes = False
   small_config.train.steps = 5
   with pytest.raises(config_check.ConfigError, match=r"config.train.steps: 5 is below step 7"):
     train.train_and_evaluate(small_config, workdir)

@@ -1,11 +1,14 @@
 """Where training metrics go: workdir/metrics.jsonl (one JSON object per logged step) and
-TensorBoard event files (tensorboardX, so no TensorFlow is needed)."""
+TensorBoard event files (tensorboardX's protos, so no TensorFlow is needed)."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 import sys
+import time
 from typing import Mapping
 
 import numpy as np
@@ -13,22 +16,49 @@ import numpy as np
 from dreambooth_jax import atomic_files, failpoints
 
 
-def _import_summary_writer() -> type:
+def _import_tensorboardx() -> tuple:
   """tensorboardX imports torch, where it is installed, only to accept torch tensors, and we
   log numpy: hiding torch during that import saves ~1.5 s of every run's start and keeps
   torch's CUDA libraries out of a JAX process."""
-  if "torch" in sys.modules:
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    return SummaryWriter
-  sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
   try:
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from tensorboardX import summary
+    from tensorboardX.proto import event_pb2, summary_pb2
+    from tensorboardX.record_writer import masked_crc32c
   finally:
-    del sys.modules["torch"]
-  return SummaryWriter
+    if hide:
+      del sys.modules["torch"]
+  return summary, event_pb2, summary_pb2, masked_crc32c
 
 
-SummaryWriter = _import_summary_writer()
+summary, event_pb2, summary_pb2, masked_crc32c = _import_tensorboardx()
+
+
+class _EventFile:
+  """One TensorBoard event file, each event written at once, as metrics.jsonl's rows are.
+
+  tensorboardX's SummaryWriter hands events to a writer thread that flushes every few seconds,
+  so a killed run lost the events of the steps its checkpoint holds, which the resumed run does
+  not redo; here each event is one unbuffered write of its TFRecord (length, CRC, data, CRC).
+  """
+
+  def __init__(self, workdir: str):
+    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"  # tensorboardX's
+    self.path = os.path.join(workdir, name)
+    self._file = open(self.path, "ab", buffering=0)  # pylint: disable=consider-using-with
+    self.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def write(self, event) -> None:
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data +
+                     struct.pack("<I", masked_crc32c(data)))
+
+  def close(self) -> None:
+    self._file.close()
 
 
 class MetricWriter:
@@ -38,8 +68,11 @@ class MetricWriter:
     """Rows and events after start_step (work a resumed run redoes) are dropped first."""
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._truncate_after(start_step)
-    self._tensorboard = SummaryWriter(logdir=workdir, flush_secs=30,
-                                      purge_step=start_step + 1 if start_step else None)
+    self._events = _EventFile(workdir)
+    if start_step:  # TensorBoard then hides what earlier runs logged at steps > start_step
+      self._events.write(event_pb2.Event(
+          wall_time=time.time(), step=start_step + 1,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
     failpoints.trace("write", os.path.join(workdir, "events.out.tfevents.*"))
 
   def _truncate_after(self, step: int) -> None:
@@ -61,17 +94,20 @@ class MetricWriter:
     with open(self.jsonl_path, "a") as f:
       f.write(json.dumps(row) + "\n")
     failpoints.trace("write", self.jsonl_path)
-    for name, value in scalars.items():
-      self._tensorboard.add_scalar(name, float(value), global_step=step)
+    self._events.write(event_pb2.Event(
+        wall_time=time.time(), step=int(step),
+        summary=summary_pb2.Summary(value=[summary.scalar(name, float(value)).value[0]
+                                           for name, value in scalars.items()])))
 
   def write_image(self, step: int, name: str, image: np.ndarray) -> None:
-    self._tensorboard.add_image(name, image, global_step=step, dataformats="HWC")
+    self._events.write(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                       summary=summary.image(name, image, dataformats="HWC")))
 
   def flush(self) -> None:
-    self._tensorboard.flush()
+    pass  # every row and event is written when it is logged
 
   def close(self) -> None:
-    self._tensorboard.close()
+    self._events.close()
 
 
 class NullWriter:
