@@ -2,14 +2,23 @@
 
 import copy
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from dreambooth_jax import plan
+from tests import conftest
+from tests.test_demo import CACHE_LOGS, default_cache_used, user_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+# The train state's bytes besides the weights and moments: the step, the rng key (2 × uint32),
+# the two non-finite counters, and AdamW's and its schedule's step counts.
+STATE_SCALARS = 7 * 4
 
 
 def test_plan_of_the_tiny_model_counts_what_is_on_each_device(small_config, tiny):
@@ -23,9 +32,14 @@ def test_plan_of_the_tiny_model_counts_what_is_on_each_device(small_config, tiny
   # 2 masks and the example id).
   latent = (32 // components.vae_scale_factor) ** 2 * components.vae.latent_channels
   row = 4 * (2 * latent + 77 * components.text_encoder.hidden_size + 3)
-  argument_bytes = figures["argument_gib_per_device"] * 2**30
-  assert argument_bytes == pytest.approx(4 * 3 * count(params["unet"]) + row, rel=1e-3)
-  assert figures["donated_gib_per_device"] > 0  # the state's buffers are reused
+  state = 4 * 3 * count(params["unet"]) + STATE_SCALARS
+  assert figures["argument_gib_per_device"] * 2**30 == state + row  # exact, to the byte
+  # Outputs: the new state and the 6 scalar metrics (loss, instance_loss, prior_loss,
+  # grad_norm, learning_rate, nonfinite_steps), plus XLA's table of the output buffers, 8 bytes
+  # for each output array: 3 per UNet weight, 6 state scalars, 6 metrics.
+  arrays = 3 * len(jax.tree.leaves(params["unet"])) + 6 + 6
+  assert figures["output_gib_per_device"] * 2**30 == state + 6 * 4 + 8 * arrays
+  assert figures["donated_gib_per_device"] * 2**30 == state  # the whole state is updated in place
   assert figures["flops_per_step_per_device"] > 1e6
 
 
@@ -38,8 +52,7 @@ def test_plan_without_caches_holds_the_vae_encoder_and_text_encoder(small_config
   unused = count(params["vae"]["decoder"]) + count(params["vae"]["post_quant_conv"])
   expected = 4 * (count(params) - unused + 2 * count(params["unet"]))
   row = 4 * (3 * 32 * 32 + 77 + 3)
-  argument_bytes = figures["argument_gib_per_device"] * 2**30
-  assert argument_bytes == pytest.approx(expected + row, rel=1e-3)
+  assert figures["argument_gib_per_device"] * 2**30 == expected + STATE_SCALARS + row
 
 
 def test_memory_levers_lower_the_compilers_temporary_memory(small_config):
@@ -76,17 +89,41 @@ def test_default_architecture():
   assert plan.default_architecture("builtin:tiny-sd") == "builtin:tiny-sd"
 
 
-def test_plan_cli_simulates_the_requested_device_count():
-  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  result = subprocess.run(
-      [sys.executable, "-m", "dreambooth_jax.plan", "--config=configs/tiny.py", "--devices=2"],
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
-      text=True, timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-2000:]
-  lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+def test_plan_and_benchmark_clis_simulate_the_requested_devices_and_only_plan_caches(tmp_path):
+  """One CPU device present (none of the suite's 8): `--devices=2` gives both CLIs a mesh of 2.
+
+  In a user's environment (no $JAX_COMPILATION_CACHE_DIR): plan looks its step up in, and
+  leaves it in, ~/.cache/dreambooth_jax/jax_cache; benchmark compiles with the cache off (jax
+  then logs neither hits nor misses). Both run at once.
+  """
+  env = dict(user_env(tmp_path, suite_xla=True), XLA_FLAGS=conftest.TEST_XLA_FLAGS,
+             **CACHE_LOGS)
+  commands = {
+      "plan": ["dreambooth_jax.plan", "--config=configs/tiny.py", "--devices=2"],
+      "benchmark": ["dreambooth_jax.benchmark", "--config=configs/tiny.py", "--devices=2",
+                    "--warmup_steps=0", "--timed_steps=1", "--config.train.batch_size=1"],
+  }
+  started = {name: subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, argv in commands.items()}
+  results = {name: process.communicate(timeout=600) + (process.returncode,)
+             for name, process in started.items()}
+  for name, (_, stderr, returncode) in results.items():
+    assert returncode == 0, f"{name}: {stderr[-2000:]}"
+
+  stdout, stderr, _ = results["plan"]
+  lines = dict(line.split(": ", 1) for line in stdout.splitlines())
   assert lines["architecture"] == "builtin:tiny-sd" and lines["mesh"] == "2 × cpu"
   assert lines["global_batch_rows"] == "4"  # batch 2 + 2 prior
   assert float(lines["peak_estimate_gib_per_device"]) > 0
+  assert default_cache_used(tmp_path, stderr, "jit_train_step")
+
+  stdout, stderr, _ = results["benchmark"]
+  lines = dict(line.split(": ", 1) for line in stdout.splitlines())
+  assert lines["devices"] == "2 × cpu"
+  assert float(lines["seconds_per_step"]) > 0 and float(lines["compile_seconds"]) > 0
+  assert "Compiling jit(train_step)" in stderr  # compiles are logged...
+  assert "persistent compilation cache" not in stderr.lower()  # ...but none looked up
 
 
 @pytest.mark.parametrize("architecture", ["sd15", "sd21"])
