@@ -58,13 +58,34 @@ def make_text_encoder_schedule(train_config) -> optax.Schedule:
                        train_config.text_encoder_steps)
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
-  """Clipping of the global gradient norm, then AdamW (its own schedule for the text encoder)."""
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm that takes the norm when the caller has it (`grad_norm=`).
+
+  The train step computes the global norm anyway, for its metrics and its non-finite check;
+  clipping with that value spares a second reduction over every gradient (one small kernel
+  per weight array, ~200 in the tiny UNet). Same numbers and the same (empty) state as
+  optax's, so checkpoints are unchanged.
+  """
+  def update_fn(updates, state, params=None, *, grad_norm=None, **unused_extra_args):
+    del params
+    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+    keep = norm < max_norm
+    return jax.tree.map(lambda g: jax.lax.select(keep, g, (g / norm.astype(g.dtype)) * max_norm),
+                        updates), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+
+
+def make_optimizer(train_config) -> optax.GradientTransformationExtraArgs:
+  """Clipping of the global gradient norm, then AdamW (its own schedule for the text encoder).
+
+  Its update takes the gradient's global norm as `grad_norm=` where the caller has it.
+  """
   def adamw(schedule):
     return optax.adamw(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2,
                        eps=train_config.adam_eps, weight_decay=train_config.weight_decay)
 
-  clip = optax.clip_by_global_norm(train_config.max_grad_norm)
+  clip = clip_by_global_norm(train_config.max_grad_norm)
   if not train_config.train_text_encoder:
     return optax.chain(clip, adamw(make_schedule(train_config)))
   per_model = optax.multi_transform(
@@ -257,12 +278,12 @@ def make_train_step(components: models.Components, optimizer: optax.GradientTran
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
     def apply_update(operands):
-      grads, params, opt_state = operands
-      updates, opt_state = optimizer.update(grads, opt_state, params)
+      grads, grad_norm, params, opt_state = operands
+      updates, opt_state = optimizer.update(grads, opt_state, params, grad_norm=grad_norm)
       return optax.apply_updates(params, updates), opt_state
 
-    params, opt_state = jax.lax.cond(finite, apply_update, lambda operands: operands[1:],
-                                     (grads, state.params, state.opt_state))
+    params, opt_state = jax.lax.cond(finite, apply_update, lambda operands: operands[2:],
+                                     (grads, grad_norm, state.params, state.opt_state))
     nonfinite_steps = state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
     first_nonfinite_step = jnp.where((state.first_nonfinite_step == 0) & ~finite,
                                      state.step + 1, state.first_nonfinite_step)

@@ -227,6 +227,37 @@ def test_max_grad_norm_clips_the_global_gradient_norm_before_adamw():
   assert abs(unclipped[1][0] / got[1][0] - 2.373) < 1e-3
 
 
+def test_clipping_with_the_steps_own_norm_is_optax_clipping_bit_for_bit():
+  """The clip that takes the step's gradient norm gives optax.clip_by_global_norm's numbers,
+  clipped or not, and its state is the same (empty), so checkpoints keep their tree."""
+  rng = np.random.default_rng(0)
+  grads = {"a": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+           "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32)}
+  norm = train_step.optax.tree.norm(grads)
+  for max_norm in (1.0, 100.0):  # clipped (norm ~4.6) and not
+    reference, reference_state = train_step.optax.clip_by_global_norm(max_norm).update(
+        grads, train_step.optax.EmptyState())
+    ours = train_step.clip_by_global_norm(max_norm)
+    for extra in ({}, {"grad_norm": norm}):
+      clipped, state = ours.update(grads, ours.init(grads), **extra)
+      assert state == reference_state
+      jax.tree.map(np.testing.assert_array_equal, clipped, reference)
+  # The norm it is given is the one it clips with.
+  halved, _ = train_step.clip_by_global_norm(1.0).update(grads, (), grad_norm=2 * norm)
+  np.testing.assert_allclose(halved["a"], grads["a"] / (2 * norm), rtol=1e-6)
+
+
+def test_the_step_reduces_its_gradients_to_their_global_norm_once(setup, monkeypatch):
+  """The metric, the non-finite check and the clipping share one norm: a second reduction
+  over every gradient is ~200 more small kernels a step (benchmark --compare's floor)."""
+  _, data, state, frozen, step, _ = setup
+  norms = []
+  norm = train_step.optax.tree.norm
+  monkeypatch.setattr(train_step.optax.tree, "norm", lambda tree: norms.append(1) or norm(tree))
+  jax.eval_shape(step, state, frozen, data.batch(0))
+  assert len(norms) == 1
+
+
 def _text_encoder_data(components):
   return input_pipeline.DreamBoothData(
       instance_images=_images(1, 2), class_images=[],
