@@ -73,6 +73,12 @@ def _run(workdir, flags, fault=None, **env):
                         capture_output=True, text=True, timeout=600, check=False)
 
 
+def _assert_ended_with(run, returncode, last_line):
+  """The run's exit status and the whole last line of its stderr (the `error:` line)."""
+  assert run["returncode"] == returncode, run["stderr"][-3000:]
+  assert run["stderr"].strip().splitlines()[-1] == last_line
+
+
 def _listing(path):
   return sorted(os.listdir(path)) if os.path.isdir(path) else None
 
@@ -293,10 +299,9 @@ def test_disk_full_during_a_checkpoint_fails_in_one_line_keeping_the_previous_on
   after it resume from it and end bitwise-equal to the straight run (the last test here)."""
   workdir, seen = timeline
   full = seen["disk_full"]
-  assert full["returncode"] == 1, full["stderr"][-3000:]
-  assert full["stderr"].strip().splitlines()[-1] == (
-      f"error: saving a checkpoint in {workdir}/checkpoints failed ([Errno 28] No space left on "
-      "device); the newest complete checkpoint is kept: step 3")
+  _assert_ended_with(
+      full, 1, f"error: saving a checkpoint in {workdir}/checkpoints failed ([Errno 28] No space "
+      "left on device); the newest complete checkpoint is kept: step 3")
   assert [name for name in full["checkpoints"] if not name.endswith("-tmp")] == ["3"]
   assert full["rows"] == [1, 2, 3, 4, 5, 6]
   assert "export" not in full["workdir"] and "export.tmp" not in full["workdir"]
@@ -316,11 +321,10 @@ def test_a_non_finite_loss_ends_the_cli_with_one_line_and_exit_status_1(timeline
   """README "Non-finite loss" and the exit-status table, through the CLI."""
   _, seen = timeline
   stopped = seen["nan"]
-  assert stopped["returncode"] == 1, stopped["stderr"][-3000:]
-  assert stopped["stderr"].strip().splitlines()[-1] == (
-      "error: non-finite loss or gradient at step 5; stopped without saving it. Newest good "
-      "checkpoint: step 4. Lower train.learning_rate, or set train.skip_nonfinite_steps=true "
-      "to skip such steps")
+  _assert_ended_with(
+      stopped, 1, "error: non-finite loss or gradient at step 5; stopped without saving it. "
+      "Newest good checkpoint: step 4. Lower train.learning_rate, or set "
+      "train.skip_nonfinite_steps=true to skip such steps")
   # Step 5 logs nothing (log.every_steps=6): the check before checkpoint 5 stopped the run.
   assert stopped["checkpoints"] == ["3", "4"] and stopped["rows"] == [1, 2, 3, 4]
   assert "export" not in stopped["workdir"] and "samples" not in stopped["workdir"]
@@ -374,11 +378,10 @@ def test_resume_with_changed_math_is_refused_naming_old_and_new_values(timeline)
   exit status 2 (an input to fix), the workdir's config and metrics untouched."""
   _, seen = timeline
   changed = seen["changed_math"]
-  assert changed["returncode"] == 2, changed["stderr"][-3000:]
-  assert changed["stderr"].strip().splitlines()[-1] == (
-      "error: config differs from the run this workdir holds (data.resolution: 32 → 64; "
-      "train.learning_rate: 0.0001 → 0.0002); use the old values, another --workdir, or "
-      "--config.resume_ignore_changes=true")
+  _assert_ended_with(
+      changed, 2, "error: config differs from the run this workdir holds (data.resolution: "
+      "32 → 64; train.learning_rate: 0.0001 → 0.0002); use the old values, another --workdir, "
+      "or --config.resume_ignore_changes=true")
   assert "train:" not in changed["stderr"]  # refused before any step
   assert changed["unchanged"]
 
