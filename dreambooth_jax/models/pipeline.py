@@ -169,10 +169,9 @@ def hub_weight_files(files: set[str], component: str, variant: str | None) -> li
   today's names the repo has (the file itself, or its shard index and shards), else the Flax
   msgpack; None if there is none. Other formats and variants beside it are not listed."""
   for filename in weights.WEIGHT_FILES[component]:
-    single = f"{component}/{weights.with_variant(filename, variant)}"
+    single, index = (f"{component}/{name}" for name in weights.weight_files(filename, variant))
     if single in files:
       return [single]
-    index = f"{component}/{weights.with_variant(filename + '.index.json', variant)}"
     if index in files:  # shards are <stem>-00001-of-00002.<ext>, the variant inside the stem
       stem, extension = single.rsplit(".", 1)
       shard = re.compile(re.escape(stem) + r"-\d+-of-\d+\." + re.escape(extension))

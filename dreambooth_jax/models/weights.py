@@ -234,19 +234,23 @@ def with_variant(filename: str, variant: str | None) -> str:
   return f"{stem}.{variant}.{extension}"
 
 
+def weight_files(filename: str, variant: str | None) -> tuple[str, str]:
+  """(the single file, the index of its shards) that hold `filename`'s weights, named as
+  diffusers / transformers name them (`diffusion_pytorch_model.fp16.safetensors`,
+  `model.safetensors.index.fp16.json`)."""
+  return with_variant(filename, variant), with_variant(f"{filename}.index.json", variant)
+
+
 def find_weights(component_dir: str, filenames: tuple[str, ...],
                  variant: str | None = None) -> str:
   """The weights file of a component folder, or the index of its shards.
 
   Looks for each of `filenames` in turn (e.g. `diffusion_pytorch_model.safetensors`, then
-  `.bin`), as a single file or as `<name>.index.json`, both with the variant inserted the way
-  diffusers / transformers name them (`diffusion_pytorch_model.fp16.safetensors`,
-  `model.safetensors.index.fp16.json`).
+  `.bin`), as a single file or as the index of its shards (`weight_files`).
   """
   looked_for = []
   for filename in filenames:
-    for candidate in (with_variant(filename, variant),
-                      with_variant(f"{filename}.index.json", variant)):
+    for candidate in weight_files(filename, variant):
       looked_for.append(candidate)
       if os.path.isfile(os.path.join(component_dir, candidate)):
         return os.path.join(component_dir, candidate)
