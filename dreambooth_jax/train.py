@@ -171,7 +171,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
           checkpoints.save(manager, state)
         if preempted:
           checkpoints.wait(manager)
-          writer.flush()
           raise errors.Preempted(
               f"stopped at step {done} of {train_config.steps} on SIGTERM; checkpoint saved "
               f"in {manager.directory}; rerun the same command to resume")
@@ -180,7 +179,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     finally:  # an in-flight async save completes even when the loop dies
       batches.close()  # stops the prefetch thread
       checkpoints.wait(manager)
-      writer.flush()
 
     trained_params = {**frozen, **state.params}
     export_dir = os.path.join(workdir, "export")

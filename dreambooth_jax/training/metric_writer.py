@@ -103,9 +103,6 @@ class MetricWriter:
     self._events.write(event_pb2.Event(wall_time=time.time(), step=int(step),
                                        summary=summary.image(name, image, dataformats="HWC")))
 
-  def flush(self) -> None:
-    pass  # every row and event is written when it is logged
-
   def close(self) -> None:
     self._events.close()
 
@@ -117,9 +114,6 @@ class NullWriter:
     pass
 
   def write_image(self, step: int, name: str, image: np.ndarray) -> None:
-    pass
-
-  def flush(self) -> None:
     pass
 
   def close(self) -> None:
