@@ -391,8 +391,8 @@ def test_resume_with_changed_math_is_refused_naming_old_and_new_values(timeline)
 
 def _nan_at_step(monkeypatch, nan_step, inf_loss_step=None):
   """Makes the batch of step `nan_step` (1-based) all NaN latents, as a broken input would, and
-  that of `inf_loss_step` weigh its instance row by 3e38: its loss overflows to +Inf while its
-  gradient (the weight over the weight sum) stays finite."""
+  that of `inf_loss_step` weigh its instance row by 3e38: its loss overflows to +Inf (its
+  gradient with it; an Inf loss of a finite gradient: training/test_step.py)."""
   original_batch = input_pipeline.DreamBoothData.batch
 
   def batch(self, step, rows=slice(None)):
@@ -400,7 +400,8 @@ def _nan_at_step(monkeypatch, nan_step, inf_loss_step=None):
     if step + 1 == nan_step:
       result = dict(result, latent_mean=np.full_like(result["latent_mean"], np.nan))
     if step + 1 == inf_loss_step:
-      result = dict(result, instance_mask=result["instance_mask"] * np.float32(3e38))
+      result = dict(result, instance_mask=result["instance_mask"] * np.float32(3e38),
+                    instance_count=np.ones_like(result["instance_count"]))
     return result
 
   monkeypatch.setattr(input_pipeline.DreamBoothData, "batch", batch)

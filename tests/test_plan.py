@@ -29,9 +29,9 @@ def test_plan_of_the_tiny_model_counts_what_is_on_each_device(small_config, tiny
   # Replicated on every device: the UNet (fp32) and AdamW's two moments of it; latents and
   # prompt embeddings are cached, so neither the VAE nor the text encoder is an argument. The
   # batch is split over the 8 devices: 1 row each (latent mean and std, the prompt embedding,
-  # 2 masks and the example id).
+  # 2 masks, the 2 row counts and the example id).
   latent = (32 // components.vae_scale_factor) ** 2 * components.vae.latent_channels
-  row = 4 * (2 * latent + 77 * components.text_encoder.hidden_size + 3)
+  row = 4 * (2 * latent + 77 * components.text_encoder.hidden_size + 5)
   state = 4 * 3 * count(params["unet"]) + STATE_SCALARS
   assert figures["argument_gib_per_device"] * 2**30 == state + row  # exact, to the byte
   # Outputs: the new state and the 6 scalar metrics (loss, instance_loss, prior_loss,
@@ -51,7 +51,7 @@ def test_plan_without_caches_holds_the_vae_encoder_and_text_encoder(small_config
   # jit drops the VAE decoder, which training never runs; a row is pixels and token ids.
   unused = count(params["vae"]["decoder"]) + count(params["vae"]["post_quant_conv"])
   expected = 4 * (count(params) - unused + 2 * count(params["unet"]))
-  row = 4 * (3 * 32 * 32 + 77 + 3)
+  row = 4 * (3 * 32 * 32 + 77 + 5)
   assert figures["argument_gib_per_device"] * 2**30 == expected + STATE_SCALARS + row
 
 

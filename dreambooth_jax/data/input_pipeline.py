@@ -200,7 +200,12 @@ class DreamBoothData:
     instance_mask[:len(instance_choices)] = 1.0
     prior_mask = np.zeros(self.num_rows, np.float32)
     prior_mask[len(instance_choices):num_real] = 1.0
-    batch = {"instance_mask": instance_mask[rows], "prior_mask": prior_mask[rows],
+    instance_mask, prior_mask = instance_mask[rows], prior_mask[rows]
+    batch = {"instance_mask": instance_mask, "prior_mask": prior_mask,
+             # The whole batch's counts in every row, so that each row's share of the loss is
+             # known on its own device (train_step.with_row_counts).
+             "instance_count": np.full_like(instance_mask, len(instance_choices)),
+             "prior_count": np.full_like(prior_mask, len(class_choices)),
              # Keys the per-example noise, so the loss does not depend on the row's device.
              "example_id": np.arange(self.num_rows, dtype=np.int32)[rows]}
     sources = sources[rows]

@@ -45,10 +45,9 @@ def test_cached_batches_carry_latents_and_embeddings_instead_of_pixels_and_ids(
     cached_and_plain):
   components, _, _, cached, plain = cached_and_plain
   batch, plain_batch = cached.batch(0), plain.batch(0)
-  assert set(plain_batch) == {"pixel_values", "input_ids", "instance_mask", "prior_mask",
-                              "example_id"}
-  assert set(batch) == {"latent_mean", "latent_std", "encoder_hidden_states", "instance_mask",
-                        "prior_mask", "example_id"}
+  rows = {"instance_mask", "prior_mask", "instance_count", "prior_count", "example_id"}
+  assert set(plain_batch) == {"pixel_values", "input_ids", *rows}
+  assert set(batch) == {"latent_mean", "latent_std", "encoder_hidden_states", *rows}
   # 3 instance and 5 class images, each encoded unflipped and flipped (data.random_flip).
   latent = 32 // components.vae_scale_factor
   channels = components.vae.latent_channels

@@ -335,8 +335,8 @@ def test_batch_with_prior_padded_to_8():
   data = _data(_images(3, 0), _images(4, 1), pad_to_multiple=8)
   assert data.with_prior and data.num_rows == 8
   batch = data.batch(0)
-  assert sorted(batch) == ["example_id", "input_ids", "instance_mask", "pixel_values",
-                           "prior_mask"]
+  assert sorted(batch) == ["example_id", "input_ids", "instance_count", "instance_mask",
+                           "pixel_values", "prior_count", "prior_mask"]
   assert batch["pixel_values"].shape == (8, 3, 32, 32)
   assert batch["pixel_values"].dtype == np.float32
   assert batch["input_ids"].shape == (8, 77)
@@ -344,6 +344,10 @@ def test_batch_with_prior_padded_to_8():
   np.testing.assert_array_equal(batch["instance_mask"], [1, 1, 0, 0, 0, 0, 0, 0])
   np.testing.assert_array_equal(batch["prior_mask"], [0, 0, 1, 1, 0, 0, 0, 0])
   assert batch["instance_mask"].dtype == np.float32 and batch["prior_mask"].dtype == np.float32
+  # The whole batch's row counts in every row (padding included), for the loss's means.
+  np.testing.assert_array_equal(batch["instance_count"], [2] * 8)
+  np.testing.assert_array_equal(batch["prior_count"], [2] * 8)
+  assert batch["instance_count"].dtype == np.float32
   np.testing.assert_array_equal(batch["example_id"], np.arange(8))
   assert batch["example_id"].dtype == np.int32
   np.testing.assert_array_equal(batch["input_ids"][:2], [INSTANCE_IDS] * 2)

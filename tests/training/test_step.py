@@ -60,8 +60,8 @@ def test_loss_equals_numpy_combination_of_per_example_mse(setup):
   per_example = []
   for row in range(4):
     single = _single_row(batch, row)
-    single["instance_mask"] = np.ones(1, np.float32)
-    single["prior_mask"] = np.zeros(1, np.float32)
+    single["instance_mask"] = single["instance_count"] = np.ones(1, np.float32)
+    single["prior_mask"] = single["prior_count"] = np.zeros(1, np.float32)
     per_example.append(float(loss_fn(state.params, frozen, single, key)[1]["loss"]))
   per_example = np.asarray(per_example, np.float64)
   assert len(set(np.round(per_example, 5))) == 4  # the rows really differ
@@ -247,6 +247,20 @@ def test_clipping_with_the_steps_own_norm_is_optax_clipping_bit_for_bit():
   np.testing.assert_allclose(halved["a"], grads["a"] / (2 * norm), rtol=1e-6)
 
 
+def test_an_infinite_loss_of_a_finite_gradient_is_not_applied(setup, monkeypatch):
+  """The step checks the loss as well as the gradient norm: a loss made +Inf by a constant
+  (its gradient unchanged, finite) leaves weights and AdamW's state as they were, counted."""
+  _, data, state, frozen, step, _ = setup
+  combine_losses = train_step.combine_losses
+  monkeypatch.setattr(train_step, "combine_losses", lambda *args: (
+      lambda losses: dict(losses, loss=losses["loss"] + jnp.inf))(combine_losses(*args)))
+  new_state, metrics = jax.jit(step)(state, frozen, data.batch(0))
+  assert float(metrics["loss"]) == np.inf and np.isfinite(float(metrics["grad_norm"]))
+  assert int(new_state.nonfinite_steps) == 1 and int(new_state.first_nonfinite_step) == 1
+  jax.tree.map(np.testing.assert_array_equal, (new_state.params, new_state.opt_state),
+               (state.params, state.opt_state))
+
+
 def test_the_step_reduces_its_gradients_to_their_global_norm_once(setup, monkeypatch):
   """The metric, the non-finite check and the clipping share one norm: a second reduction
   over every gradient is ~200 more small kernels a step (benchmark --compare's floor)."""
@@ -349,7 +363,8 @@ def test_min_snr_loss_is_the_weighted_mean_of_per_example_mse(setup, tiny):
   plain = []
   for row in range(4):
     single = dict(_single_row(batch, row), instance_mask=np.ones(1, np.float32),
-                  prior_mask=np.zeros(1, np.float32))
+                  prior_mask=np.zeros(1, np.float32), instance_count=np.ones(1, np.float32),
+                  prior_count=np.zeros(1, np.float32))
     plain.append(float(loss_fn(state.params, frozen, single, key)[1]["loss"]))
   time_keys = train_step.example_streams(key, batch["example_id"][:4])[3]
   timesteps = np.asarray([int(jax.random.randint(k, (), 0, 1000)) for k in time_keys])
