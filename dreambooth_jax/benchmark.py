@@ -143,7 +143,9 @@ class StepTimer(_Timer):
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
-               devices: list[jax.Device] | None = None):
+               devices: list[jax.Device] | None = None, left_out: tuple[str, ...] = ()):
+    """`left_out`: batch fields not fed (scripts/step_findings.py: without "instance_count" and
+    "prior_count" the loss sums the masks over the devices, as it did before they existed)."""
     components, params = models.load_configured(config.model)
     self.components = components
     self.mesh = mesh = sharding.make_mesh(devices, config.mesh.data, config.mesh.fsdp)
@@ -158,7 +160,9 @@ class StepTimer(_Timer):
         params, optimizer, config.seed, train_config.train_text_encoder,
         train_config.param_dtype), mesh)
     rows = sharding.local_rows(mesh, data.num_rows)
-    put = lambda step: sharding.put_batch(data.batch(step, rows), mesh, data.num_rows)
+    put_batch = sharding.BatchPutter(mesh, data.num_rows)
+    put = lambda step: put_batch(
+        {k: v for k, v in data.batch(step, rows).items() if k not in left_out})
     step_fn = train_step.jit_on_mesh(components, optimizer, train_config, mesh, self.state,
                                      self.frozen)
     start = time.perf_counter()

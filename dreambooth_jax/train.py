@@ -134,11 +134,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
 
     rows = sharding.local_rows(mesh, data.num_rows)  # this process builds only its rows
+    put_batch = sharding.BatchPutter(mesh, data.num_rows)
 
     def global_batch(step: int) -> dict[str, jax.Array]:
       batch = failpoints.corrupt("batch", step + 1, data.batch(step, rows))
       failpoints.trace("rows", step + 1, *batch["example_id"])
-      return sharding.put_batch(batch, mesh, data.num_rows)
+      return put_batch(batch)
 
     batches = prefetch.prefetched(global_batch, range(start_step, train_config.steps),
                                   train_config.prefetch_batches)

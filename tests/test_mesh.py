@@ -161,3 +161,21 @@ def test_devices_that_cannot_be_simulated_any_more_are_refused_in_one_line(monke
   with pytest.raises(sharding.MeshError, match=rf"^--devices={present + 8}: only {present} "
                      r"devices, and jax has already started, so no more can be simulated$"):
     sharding.use_devices(present + 8)
+
+
+def test_the_batch_putter_puts_again_only_the_fields_that_changed():
+  """Fields equal to the previous batch's (same values, shape and dtype) keep their device
+  arrays; any other is put again, split over every device."""
+  mesh = sharding.make_mesh(fsdp=2)
+  put = sharding.BatchPutter(mesh)
+  rows = np.arange(16, dtype=np.float32).reshape(8, 2)
+  first = put({"mask": np.ones(8, np.float32), "latent": rows})
+  second = put({"mask": np.ones(8, np.float32), "latent": rows + 1})
+  assert second["mask"] is first["mask"] and second["latent"] is not first["latent"]
+  np.testing.assert_array_equal(second["latent"], rows + 1)
+  assert second["latent"].sharding == sharding.data_sharded(mesh)
+  assert len(second["latent"].addressable_shards) == 8
+  third = put({"mask": np.ones(8, np.int32), "latent": rows[:, :1] + 1})  # dtype, shape
+  assert third["mask"] is not second["mask"] and third["mask"].dtype == np.int32
+  np.testing.assert_array_equal(third["latent"], rows[:, :1] + 1)
+  assert put({"mask": np.ones(8, np.int32)})["mask"] is third["mask"]
