@@ -231,9 +231,13 @@ def test_interrupted_run_resumes_to_identical_state(straight_run, small_config, 
 
 
 def test_checkpoint_restores_exactly(straight_run):
+  """From the arrays alone: no per-array sharding file is written (README, the loop's
+  checkpoints); the restore takes the target's shardings."""
   workdir, state = straight_run
   manager = checkpoints.make_manager(workdir, max_to_keep=2)
   assert manager.latest_step() == 6
+  item = os.path.join(workdir, "checkpoints", "6", "default")
+  assert "_METADATA" in os.listdir(item) and "_sharding" not in os.listdir(item)
   restored = jax.device_get(checkpoints.restore_latest(manager, state))
   jax.tree.map(np.testing.assert_array_equal, restored, state)
 
