@@ -141,7 +141,7 @@ def with_row_counts(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
   The input pipeline writes them, so that the loss divides each row by them without a sum over
   the devices between the forward and the backward pass: a barrier that cost the 4-device tiny
-  step 7% on CPU (benchmark --compare; README).
+  step 1–7% on CPU (scripts/step_findings.py; README, Performance).
   """
   if "instance_count" in batch:
     return batch
