@@ -166,18 +166,22 @@ def _weight_candidates(component: str, variant: str | None) -> list[str]:
 
 def hub_weight_files(files: set[str], component: str, variant: str | None) -> list[str] | None:
   """The repo files of the one weight file `_component_weights` would read: the first of
-  today's names the repo has (the file itself, or its shard index and shards), else the Flax
-  msgpack; None if there is none. Other formats and variants beside it are not listed."""
-  for filename in weights.WEIGHT_FILES[component]:
-    single, index = (f"{component}/{name}" for name in weights.weight_files(filename, variant))
-    if single in files:
-      return [single]
-    if index in files:  # shards are <stem>-00001-of-00002.<ext>, the variant inside the stem
-      stem, extension = single.rsplit(".", 1)
-      shard = re.compile(re.escape(stem) + r"-\d+-of-\d+\." + re.escape(extension))
-      return [index] + sorted(f for f in files if shard.fullmatch(f))
-  flax_file = f"{component}/{_FLAX_FILES[component]}"
-  return [flax_file] if variant is None and flax_file in files else None
+  today's names the repo has (weights.first_weights: the file itself, or its shard index and
+  shards), else the Flax msgpack; None if there is none. Other formats and variants beside it
+  are not listed."""
+  found = weights.first_weights(weights.WEIGHT_FILES[component], variant,
+                                lambda name: f"{component}/{name}" in files)
+  if found is None:
+    flax_file = f"{component}/{_FLAX_FILES[component]}"
+    return [flax_file] if variant is None and flax_file in files else None
+  filename, name = found
+  single = weights.with_variant(filename, variant)
+  if name == single:
+    return [f"{component}/{single}"]
+  # Shards are <stem>-00001-of-00002.<ext>, the variant inside the stem.
+  stem, extension = f"{component}/{single}".rsplit(".", 1)
+  shard = re.compile(re.escape(stem) + r"-\d+-of-\d+\." + re.escape(extension))
+  return [f"{component}/{name}"] + sorted(f for f in files if shard.fullmatch(f))
 
 
 def hub_config_files(files: set[str]) -> list[str]:

@@ -18,7 +18,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 # numpy learns the name "bfloat16" only once ml_dtypes is imported; safetensors' numpy backend
 # (0.4 to 0.8 alike) needs that name to read or write BF16 tensors.
@@ -241,20 +241,31 @@ def weight_files(filename: str, variant: str | None) -> tuple[str, str]:
   return with_variant(filename, variant), with_variant(f"{filename}.index.json", variant)
 
 
+def first_weights(filenames: tuple[str, ...], variant: str | None,
+                  exists: Callable[[str], bool]) -> tuple[str, str] | None:
+  """(filename, the file to read) for the first of `filenames` whose single file or shard index
+  (`weight_files`) `exists`; None if none does. Shared by a folder's loader and the hub
+  download, so that both pick the same file."""
+  for filename in filenames:
+    for candidate in weight_files(filename, variant):
+      if exists(candidate):
+        return filename, candidate
+  return None
+
+
 def find_weights(component_dir: str, filenames: tuple[str, ...],
                  variant: str | None = None) -> str:
   """The weights file of a component folder, or the index of its shards.
 
   Looks for each of `filenames` in turn (e.g. `diffusion_pytorch_model.safetensors`, then
-  `.bin`), as a single file or as the index of its shards (`weight_files`).
+  `.bin`), as a single file or as the index of its shards (`first_weights`).
   """
-  looked_for = []
-  for filename in filenames:
-    for candidate in weight_files(filename, variant):
-      looked_for.append(candidate)
-      if os.path.isfile(os.path.join(component_dir, candidate)):
-        return os.path.join(component_dir, candidate)
-  raise WeightsError(f"{component_dir}: no weights found (looked for {', '.join(looked_for)})")
+  found = first_weights(filenames, variant,
+                        lambda name: os.path.isfile(os.path.join(component_dir, name)))
+  if found is None:
+    looked_for = [name for filename in filenames for name in weight_files(filename, variant)]
+    raise WeightsError(f"{component_dir}: no weights found (looked for {', '.join(looked_for)})")
+  return os.path.join(component_dir, found[1])
 
 
 def _load_torch_pickle(path: str, dtype) -> dict[str, np.ndarray]:
