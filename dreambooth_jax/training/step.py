@@ -185,8 +185,7 @@ def make_loss_fn(components: models.Components, prior_loss_weight: float,
 
   A batch carries pixels or cached latent distributions ("latent_mean", "latent_std"), and
   token ids or cached prompt embeddings ("encoder_hidden_states"); the loss is the same. Its
-  instance and prior means divide by the batch's "instance_count" and "prior_count" where it has
-  them (with_row_counts), by its masks' sums otherwise.
+  instance and prior means divide by the batch's row counts (with_row_counts).
   """
   schedule = components.noise_schedule()
   if schedule.prediction_type == "sample":
@@ -225,10 +224,9 @@ def make_loss_fn(components: models.Components, prior_loss_weight: float,
     mse = per_example_mse(prediction, target)
     if min_snr_gamma:
       mse = mse * snr_weights(schedule, timesteps, min_snr_gamma)
-    counts = ((batch["instance_count"], batch["prior_count"]) if "instance_count" in batch
-              else None)
+    batch = with_row_counts(batch)
     metrics = combine_losses(mse, batch["instance_mask"], batch["prior_mask"],
-                             prior_loss_weight, counts)
+                             prior_loss_weight, (batch["instance_count"], batch["prior_count"]))
     return metrics["loss"], metrics
 
   return loss_fn
