@@ -87,7 +87,7 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp)), tree)
 
 
-def _place(value: Any, sharding: NamedSharding) -> jax.Array:
+def place(value: Any, sharding: NamedSharding) -> jax.Array:
   """device_put, except that with several processes a process-local value (which every process
   holds alike, e.g. weights each one loaded) goes through the host: jax does not move data
   from one host's device to another's."""
@@ -98,12 +98,12 @@ def _place(value: Any, sharding: NamedSharding) -> jax.Array:
 
 def put_state(tree: Any, mesh: Mesh) -> Any:
   """Parameters or a TrainState laid out by state_shardings."""
-  return jax.tree.map(_place, tree, state_shardings(tree, mesh))
+  return jax.tree.map(place, tree, state_shardings(tree, mesh))
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
   sharding = replicated(mesh)
-  return jax.tree.map(lambda value: _place(value, sharding), tree)
+  return jax.tree.map(lambda value: place(value, sharding), tree)
 
 
 def local_rows(mesh: Mesh, num_rows: int) -> slice:

@@ -6,8 +6,9 @@ configs/tiny.py on N simulated CPU devices, timed as `benchmark --compare` times
 steps per variant, taking turns, medians): the step as configured; the step fed batches without
 their row counts, so that its loss sums the masks over the devices between the forward and the
 backward pass (the step before the counts existed, its all-reduces counted); the floor. Then the
-CPU seconds of one checkpoint save of the tiny training state, with Orbax's per-array sharding
-file (its default) and without (ours).
+CPU seconds of one checkpoint save of the tiny training state: every leaf an array of its own,
+with Orbax's per-array sharding file (its default) and without; and as we save it, the leaves
+below sharding.MIN_FSDP_SIZE elements packed into one array per dtype.
 """
 
 import os
@@ -66,18 +67,23 @@ def main(argv):
   print(f"\ncheckpoint of the tiny training state ({len(jax.tree.leaves(state))} arrays, "
         f"{sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6:.1f} MB)")
   print("| save | CPU s per save (median) |\n| --- | --- |")
-  for name, sharding_file in (("with the sharding file (Orbax's default)", True),
-                              ("without (ours)", False)):
+  for name, sharding_file, packed in (
+      ("every leaf an array, with the sharding file (Orbax's default)", True, False),
+      ("every leaf an array, no sharding file", False, False),
+      ("small leaves packed, no sharding file (ours)", False, True)):
     with tempfile.TemporaryDirectory() as workdir:
       manager = checkpoints.make_manager(workdir, 2)
       if sharding_file:
         ocp.type_handlers.register_type_handler(
             jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
       cpu = []
-      for index in range(FLAGS.saves):
+      for _ in range(FLAGS.saves):
         state = state.replace(step=state.step + 1)  # a new step each save
         start = time.process_time()
-        checkpoints.save(manager, state)
+        if packed:
+          checkpoints.save(manager, state)
+        else:  # the TrainState's own tree, as saved before the packing
+          manager.save(int(state.step), args=ocp.args.StandardSave(state))
         checkpoints.wait(manager)
         cpu.append(time.process_time() - start)
       print(f"| {name} | {statistics.median(cpu):.3f} |")

@@ -1,0 +1,85 @@
+"""The checkpoint layout: large leaves by name, small ones packed per dtype; older checkpoints.
+
+States here are numpy trees laid out by sharding.state_shardings on a 2 x 4 (data x fsdp) mesh:
+nothing is compiled.
+"""
+
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from dreambooth_jax import sharding
+from dreambooth_jax.errors import CheckpointError
+from dreambooth_jax.training import checkpoints
+from dreambooth_jax.training.step import TrainState
+
+
+def _state(kernel_shape=(3, 3, 64, 128), seed=0) -> TrainState:
+  rng = np.random.default_rng(seed)
+  normal = lambda shape, dtype=np.float32: rng.standard_normal(shape).astype(dtype)
+  params = {"unet": {"conv": {"kernel": normal(kernel_shape), "bias": normal((128,))},
+                     "norm": {"scale": normal((64,), ml_dtypes.bfloat16)}}}
+  moments = lambda: jax.tree.map(lambda x: normal(x.shape, x.dtype), params)
+  return TrainState(step=np.int32(7), params=params,
+                    opt_state=({"count": np.int32(7), "mu": moments(), "nu": moments()},),
+                    rng=np.array([3, 4], np.uint32), nonfinite_steps=np.int32(1),
+                    first_nonfinite_step=np.int32(5))
+
+
+def _target(state: TrainState, mesh) -> TrainState:
+  return jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+                      state, sharding.state_shardings(state, mesh))
+
+
+def _assert_restored(restored: TrainState, state: TrainState, target: TrainState) -> None:
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b, strict=True),
+               restored, state)
+  for leaf, like in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+    assert leaf.sharding == like.sharding
+
+
+def test_small_leaves_are_packed_per_dtype_and_large_ones_kept_by_name(tmp_path):
+  state = _state()
+  manager = checkpoints.make_manager(str(tmp_path), 2)
+  checkpoints.save(manager, state)
+  checkpoints.wait(manager)
+  saved = manager.item_metadata(7).tree
+  # 128 bias + 2 x 128 moments of it; the bf16 scale and its moments; 4 int32 scalars; the key.
+  assert {dtype: tuple(meta.shape) for dtype, meta in saved["packed"].items()} == {
+      "float32": (3 * 128,), "bfloat16": (3 * 64,), "int32": (4,), "uint32": (2,)}
+  assert sorted(saved["arrays"]) == ["opt_state.0.mu.unet.conv.kernel",
+                                     "opt_state.0.nu.unet.conv.kernel", "params.unet.conv.kernel"]
+  assert "_sharding" not in os.listdir(tmp_path / "checkpoints" / "7" / "default")
+
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  target = _target(state, mesh)
+  assert target.params["unet"]["conv"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
+      None, None, None, sharding.FSDP_AXIS)
+  restored = checkpoints.restore_latest(checkpoints.make_manager(str(tmp_path), 2), target)
+  _assert_restored(restored, state, target)
+
+
+def test_a_checkpoint_written_before_the_packing_restores(tmp_path):
+  """Earlier versions saved the TrainState's own tree, every leaf an array of its own."""
+  state = _state()
+  manager = checkpoints.make_manager(str(tmp_path), 2)
+  manager.save(7, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  assert "packed" not in manager.item_metadata(7).tree
+  target = _target(state, sharding.make_mesh(data=8, fsdp=1))
+  _assert_restored(checkpoints.restore(manager, 7, target), state, target)
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_array(tmp_path):
+  manager = checkpoints.make_manager(str(tmp_path), 2)
+  checkpoints.save(manager, _state(kernel_shape=(3, 3, 64, 256)))
+  checkpoints.wait(manager)
+  target = _target(_state(), sharding.make_mesh(data=8, fsdp=1))
+  with pytest.raises(CheckpointError, match=r"does not match the state being trained: "
+                     r"arrays\.params\.unet\.conv\.kernel is float32\[3, 3, 64, 256\] "
+                     r"there, float32\[3, 3, 64, 128\] here"):
+    checkpoints.restore_latest(manager, target)
