@@ -22,6 +22,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -185,9 +186,15 @@ class FloorTimer(_Timer):
   every step: what the step costs beyond this is the step's own overhead.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, step: StepTimer):
-    """Built from the step's own timer: its model, mesh, trained UNet weights and rows."""
+  def __init__(self, config: ml_collections.ConfigDict, step: StepTimer,
+               predict: Callable[..., jax.Array] | None = None):
+    """Built from the step's own timer: its model, mesh, trained UNet weights and rows.
+
+    `predict` replaces the model's own UNet call (components.predict's signature), to time
+    another UNet implementation on the same weights (scripts/floor_vs_diffusers.py).
+    """
     components = step.components
+    predict = predict or components.predict
     self.mesh = mesh = step.mesh
     train_config = config.train
     optimizer = train_step.make_optimizer(train_config)
@@ -208,8 +215,8 @@ class FloorTimer(_Timer):
 
     def floor_step(unet_params, opt_state, batch):
       def loss(trained):
-        prediction = components.predict(trained, batch["noisy_latents"], batch["timesteps"],
-                                        batch["encoder_hidden_states"], train_config.remat)
+        prediction = predict(trained, batch["noisy_latents"], batch["timesteps"],
+                             batch["encoder_hidden_states"], train_config.remat)
         return train_step.per_example_mse(prediction, batch["target"]).mean()
       value, grads = jax.value_and_grad(loss)(unet_params)
       updates, opt_state = optimizer.update(grads, opt_state, unet_params)

@@ -3,6 +3,7 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -95,6 +96,15 @@ def test_the_floor_runs_the_unet_and_the_optimizer_on_the_steps_rows(small_confi
   assert figures["devices"] == "8 × cpu" and figures["compile_seconds"] > 0
   # Less work than the step: no noise draws, masks or latent sampling.
   assert 0 < figures["flops_per_step"] < step.figures(1.0)["flops_per_step"]
+
+  # Another UNet on the same weights (scripts/floor_vs_diffusers.py): here one that predicts
+  # zeros, so the loss is the targets' mean square.
+  zeros = benchmark.FloorTimer(small_config, step, lambda params, x, t, c, remat: (
+      jnp.zeros_like(x) * params["conv_in"]["bias"][0]))
+  _, loss = zeros._step()  # pylint: disable=protected-access
+  target = np.asarray(jax.device_get(zeros.batch["target"]), np.float64)
+  np.testing.assert_allclose(float(loss), np.mean(target ** 2), rtol=1e-6)
+  assert zeros.figures(1.0)["flops_per_step"] < figures["flops_per_step"] / 2
 
 
 def test_the_loop_is_train_py_over_the_timed_steps_with_random_class_images(small_config,
