@@ -7,9 +7,11 @@ the next start. A save that fails (disk full) leaves the previous checkpoints un
 A checkpoint holds the TrainState's leaves by name ("params.unet.conv_in.kernel") under
 "arrays", except those below sharding.MIN_FSDP_SIZE elements (biases, norms, counters: always
 replicated, on any mesh), which are packed in tree order into one flat array per dtype under
-"packed". Orbax's cost is per array (~1.7 ms of CPU each): the tiny model's 630 leaves took
-~1.1 s per save, its 48 large ones and three packed arrays ~0.15 s. Checkpoints written before
-the packing (every leaf as it is, the TrainState's own tree) still restore.
+"packed", with their names, dtypes and shapes in the item's custom metadata. Orbax's cost is
+per array (~1.7 ms of CPU each): the tiny model's 630 leaves took ~1.1 s per save, its 48
+large ones and three packed arrays ~0.15 s. A restore follows the stored layout, leaf by name,
+and refuses a checkpoint whose names, dtypes or shapes differ from the state's. Checkpoints
+written before the packing (every leaf as it is, the TrainState's own tree) still restore.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
   if step in manager.all_steps():
     return
   try:
-    manager.save(step, args=ocp.args.StandardSave(_saved_tree(state)))
+    manager.save(step, args=_save_args(state))
   except Exception as e:  # a previous async save's failure surfaces here too
     raise _save_error(manager, e) from e
 
@@ -104,32 +106,40 @@ def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> TrainS
 def restore(manager: ocp.CheckpointManager, step: int, target: TrainState) -> TrainState:
   """The checkpoint of `step` laid out like `target`, whose shardings it needs (no sharding
   file is written)."""
+  directory = os.path.join(manager.directory, str(step))
+  metadata = manager.item_metadata(step)
+  if metadata is None:
+    raise CheckpointError(f"{directory} holds no Orbax checkpoint item; it was not written by "
+                          "this trainer")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  saved = manager.item_metadata(step).tree
-  if PACKED not in saved:  # written before the packing: the TrainState's own tree
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   named, treedef = _named_leaves(abstract)
-  packed = {dtype: np.empty(size, dtype) for dtype, size in _packed_sizes(named).items()}
-  arrays = {name: leaf for name, leaf in named if not _is_packed(leaf)}
-  expected = {PACKED: packed, ARRAYS: arrays}
-  _check_matches(saved, expected, os.path.join(manager.directory, str(step)))
-  restored = manager.restore(step, args=ocp.args.StandardRestore(expected))
-  offsets = dict.fromkeys(packed, 0)
+  if PACKED not in metadata.tree:  # written before the packing: the TrainState's own tree
+    stored = ocp.tree.to_flat_dict(metadata.tree)
+    _check_matches({".".join(keys): (ARRAYS, np.dtype(meta.dtype).name, tuple(meta.shape), 0)
+                    for keys, meta in stored.items()}, named, directory)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  layout = _stored_layout(metadata)
+  _check_matches(layout, named, directory)
+  arrays = {name: leaf for name, leaf in named if layout[name][0] == ARRAYS}
+  packed = {dtype: np.empty(meta.shape, dtype) for dtype, meta in metadata.tree[PACKED].items()}
+  restored = manager.restore(step, args=ocp.args.StandardRestore({PACKED: packed,
+                                                                   ARRAYS: arrays}))
   leaves = []
   for name, leaf in named:
-    if not _is_packed(leaf):
+    group, dtype, shape, start = layout[name]
+    if group == ARRAYS:
       leaves.append(restored[ARRAYS][name])
-      continue
-    dtype, size = np.dtype(leaf.dtype).name, math.prod(leaf.shape)
-    value = restored[PACKED][dtype][offsets[dtype]:offsets[dtype] + size].reshape(leaf.shape)
-    offsets[dtype] += size
-    leaves.append(sharding.place(value, leaf.sharding))
+    else:
+      value = restored[PACKED][dtype][start:start + math.prod(shape)].reshape(shape)
+      leaves.append(sharding.place(value, leaf.sharding))
   return jax.tree.unflatten(treedef, leaves)
 
 
 def _is_packed(leaf: Any) -> bool:
-  """Below sharding.MIN_FSDP_SIZE elements: replicated on every mesh, so one copy is all of it."""
-  return math.prod(leaf.shape) < sharding.MIN_FSDP_SIZE
+  """Below sharding.MIN_FSDP_SIZE elements: replicated on every mesh, so one copy is all of it.
+  (Typed PRNG keys have no numpy dtype: Orbax saves them as they are.)"""
+  return (math.prod(leaf.shape) < sharding.MIN_FSDP_SIZE
+          and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key))
 
 
 def _named_leaves(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
@@ -139,46 +149,52 @@ def _named_leaves(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
           for path, leaf in with_paths], treedef
 
 
-def _packed_sizes(named: list[tuple[str, Any]]) -> dict[str, int]:
-  sizes = {}
-  for _, leaf in named:
-    if _is_packed(leaf):
-      dtype = np.dtype(leaf.dtype).name
-      sizes[dtype] = sizes.get(dtype, 0) + math.prod(leaf.shape)
-  return sizes
-
-
-def _saved_tree(state: TrainState) -> dict[str, dict[str, Any]]:
-  """The state as a checkpoint holds it: large leaves by name, the small ones packed."""
+def _save_args(state: TrainState) -> ocp.args.StandardSave:
+  """The state as a checkpoint holds it: large leaves by name, the small ones packed, and the
+  packed ones' names, dtypes and shapes (in packing order) as the item's custom metadata."""
   named, _ = _named_leaves(state)
-  small = [leaf for _, leaf in named if _is_packed(leaf)]
+  small = [(name, leaf) for name, leaf in named if _is_packed(leaf)]
+  for name, leaf in small:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_replicated:
+      raise ValueError(f"{name} has {leaf.size} elements but is not replicated: "
+                       "sharding.fsdp_spec must keep every array below MIN_FSDP_SIZE whole")
   # Small leaves are replicated: this process's first copy is the whole value, and reading it
   # needs no other host. One device_get starts every transfer before waiting for any.
-  local = [leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf for leaf in small]
+  local = [leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf for _, leaf in small]
   parts = {}
-  for leaf, value in zip(small, jax.device_get(local)):
+  for (_, leaf), value in zip(small, jax.device_get(local)):
     parts.setdefault(np.dtype(leaf.dtype).name, []).append(np.ravel(value))
-  return {PACKED: {dtype: np.concatenate(values) for dtype, values in parts.items()},
+  tree = {PACKED: {dtype: np.concatenate(values) for dtype, values in parts.items()},
           ARRAYS: {name: leaf for name, leaf in named if not _is_packed(leaf)}}
+  layout = [[name, np.dtype(leaf.dtype).name, list(leaf.shape)] for name, leaf in small]
+  return ocp.args.StandardSave(tree, custom_metadata={PACKED: layout})
 
 
-def _check_matches(saved: dict[str, Any], expected: dict[str, dict[str, Any]],
-                   directory: str) -> None:
-  """Orbax reads a stored array into any requested shape (cut or padded); a checkpoint of
-  another model must be refused instead, naming the first array that differs."""
-  for group, leaves in expected.items():
-    stored = saved.get(group, {})
-    for name, leaf in leaves.items():
-      found = stored.get(name)
-      if found is None or tuple(found.shape) != tuple(leaf.shape) or (
-          np.dtype(found.dtype) != np.dtype(leaf.dtype)):
-        there = "missing" if found is None else f"{np.dtype(found.dtype).name}{list(found.shape)}"
-        raise CheckpointError(
-            f"the checkpoint in {directory} does not match the state being trained: "
-            f"{group}.{name} is {there} there, {np.dtype(leaf.dtype).name}{list(leaf.shape)} "
-            "here (another model, optimizer or train.param_dtype?)")
-    extra = sorted(set(stored) - set(leaves))
-    if extra:
-      raise CheckpointError(
-          f"the checkpoint in {directory} does not match the state being trained: it holds "
-          f"{group}.{extra[0]}, which this state has not (another model or optimizer?)")
+def _stored_layout(metadata: Any) -> dict[str, tuple[str, str, tuple[int, ...], int]]:
+  """name -> (group, dtype, shape, start in its dtype's packed array) of each stored leaf."""
+  layout = {name: (ARRAYS, np.dtype(meta.dtype).name, tuple(meta.shape), 0)
+            for name, meta in metadata.tree.get(ARRAYS, {}).items()}
+  starts = {}
+  for name, dtype, shape in (metadata.custom_metadata or {}).get(PACKED, []):
+    start = starts.get(dtype, 0)
+    layout[name] = (PACKED, dtype, tuple(shape), start)
+    starts[dtype] = start + math.prod(shape)
+  return layout
+
+
+def _check_matches(layout: dict[str, tuple[str, str, tuple[int, ...], int]],
+                   named: list[tuple[str, Any]], directory: str) -> None:
+  """A checkpoint of another model is refused, naming the first leaf that differs. (Orbax would
+  cast a stored array to the requested dtype, and reads a packed one at its stored size.)"""
+  mismatch = f"the checkpoint in {directory} does not match the state being trained: "
+  for name, leaf in named:
+    here = (np.dtype(leaf.dtype).name, tuple(leaf.shape))
+    stored = layout.get(name)
+    if stored is None or stored[1:3] != here:
+      there = "missing" if stored is None else f"{stored[1]}{list(stored[2])}"
+      raise CheckpointError(f"{mismatch}{name} is {there} there, {here[0]}{list(here[1])} here "
+                            "(another model, optimizer or train.param_dtype?)")
+  extra = sorted(set(layout) - {name for name, _ in named})
+  if extra:
+    raise CheckpointError(f"{mismatch}it holds {extra[0]}, which this state has not (another "
+                          "model or optimizer?)")

@@ -53,6 +53,10 @@ def test_small_leaves_are_packed_per_dtype_and_large_ones_kept_by_name(tmp_path)
       "float32": (3 * 128,), "bfloat16": (3 * 64,), "int32": (4,), "uint32": (2,)}
   assert sorted(saved["arrays"]) == ["opt_state.0.mu.unet.conv.kernel",
                                      "opt_state.0.nu.unet.conv.kernel", "params.unet.conv.kernel"]
+  layout = manager.item_metadata(7).custom_metadata["packed"]
+  assert layout[:3] == [["step", "int32", []], ["params.unet.conv.bias", "float32", [128]],
+                        ["params.unet.norm.scale", "bfloat16", [64]]]
+  assert len(layout) == 11  # 4 int32 scalars, the key, 2 x 3 bias and scale entries
   assert "_sharding" not in os.listdir(tmp_path / "checkpoints" / "7" / "default")
 
   mesh = sharding.make_mesh(data=2, fsdp=4)
@@ -74,12 +78,34 @@ def test_a_checkpoint_written_before_the_packing_restores(tmp_path):
   _assert_restored(checkpoints.restore(manager, 7, target), state, target)
 
 
-def test_a_checkpoint_of_another_model_is_refused_naming_the_array(tmp_path):
+def _renamed_norm(state: TrainState) -> TrainState:
+  rename = lambda tree: {"unet": {"conv": tree["unet"]["conv"], "norm_1": tree["unet"]["norm"]}}
+  moments = state.opt_state[0]
+  return state.replace(params=rename(state.params), opt_state=(
+      {"count": moments["count"], "mu": rename(moments["mu"]), "nu": rename(moments["nu"])},))
+
+
+@pytest.mark.parametrize("other, message", [
+    (_state(kernel_shape=(3, 3, 64, 256)),
+     r"params\.unet\.conv\.kernel is float32\[3, 3, 64, 256\] there, "
+     r"float32\[3, 3, 64, 128\] here"),
+    # Same shapes, sizes and tree order of the packed leaves; only a name differs.
+    (_renamed_norm(_state()), r"params\.unet\.norm\.scale is missing there, bfloat16\[64\] here"),
+], ids=["large_leaf_shape", "small_leaf_name"])
+def test_a_checkpoint_of_another_model_is_refused_naming_the_leaf(tmp_path, other, message):
   manager = checkpoints.make_manager(str(tmp_path), 2)
-  checkpoints.save(manager, _state(kernel_shape=(3, 3, 64, 256)))
+  checkpoints.save(manager, other)
   checkpoints.wait(manager)
   target = _target(_state(), sharding.make_mesh(data=8, fsdp=1))
-  with pytest.raises(CheckpointError, match=r"does not match the state being trained: "
-                     r"arrays\.params\.unet\.conv\.kernel is float32\[3, 3, 64, 256\] "
-                     r"there, float32\[3, 3, 64, 128\] here"):
+  with pytest.raises(CheckpointError, match="does not match the state being trained: " + message):
     checkpoints.restore_latest(manager, target)
+
+
+def test_a_per_leaf_checkpoint_of_another_model_is_refused(tmp_path):
+  manager = checkpoints.make_manager(str(tmp_path), 2)
+  manager.save(7, args=ocp.args.StandardSave(_state(kernel_shape=(3, 3, 64, 256))))
+  manager.wait_until_finished()
+  target = _target(_state(), sharding.make_mesh(data=8, fsdp=1))
+  with pytest.raises(CheckpointError, match=r"checkpoints/7 does not match the state being "
+                     r"trained: params\.unet\.conv\.kernel is float32\[3, 3, 64, 256\] there"):
+    checkpoints.restore(manager, 7, target)
