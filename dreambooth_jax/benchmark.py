@@ -311,12 +311,29 @@ ROUND_STEPS = 5  # consecutive steps per variant and round of a comparison
 FLOOR = "floor: UNet forward + backward + optimizer"
 
 
+def time_in_turns(timers: list[_Timer], warmup_steps: int, rounds: int,
+                  alternate: bool = False) -> list[list[float]]:
+  """Each timer's step seconds, timed in `rounds` rounds of ROUND_STEPS consecutive steps each,
+  the timers taking turns, so that load from elsewhere on the machine falls on all alike.
+
+  `alternate` reverses the order every other round, so that no timer always runs after the
+  same other one (scripts/floor_vs_diffusers.py).
+  """
+  for timer in timers:
+    timer.time_steps(warmup_steps)
+  durations = [[] for _ in timers]
+  for round_index in range(rounds):
+    turns = list(zip(timers, durations))
+    for timer, seconds in turns[::-1] if alternate and round_index % 2 else turns:
+      seconds.extend(timer.time_steps(ROUND_STEPS))
+  return durations
+
+
 def compare(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
             devices: list[jax.Device] | None = None) -> list[dict[str, Any]]:
   """The config as given, then each comparison, then the floor (FloorTimer); one row each.
 
-  The variants are timed in rounds of ROUND_STEPS consecutive steps each, taking turns, so
-  that load from elsewhere on the machine falls on all of them alike.
+  The variants are timed in turns (time_in_turns).
   """
   settings = [("", None)] + comparisons(config)
   timers = []
@@ -328,13 +345,7 @@ def compare(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: i
         variant[section][name] = value
     timers.append(StepTimer(variant, devices))
   timers.append(FloorTimer(config, timers[0]))
-  for timer in timers:
-    timer.time_steps(warmup_steps)
-  durations = [[] for _ in timers]
-  rounds = -(-timed_steps // (ROUND_STEPS - 1))
-  for _ in range(rounds):
-    for timer, seconds in zip(timers, durations):
-      seconds.extend(timer.time_steps(ROUND_STEPS))
+  durations = time_in_turns(timers, warmup_steps, -(-timed_steps // (ROUND_STEPS - 1)))
   names = [f"{field}={value}" if field else "as configured" for field, value in settings]
   return [{"setting": name, **timer.figures(statistics.median(seconds))}
           for name, timer, seconds in zip(names + [FLOOR], timers, durations)]

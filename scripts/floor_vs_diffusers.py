@@ -25,8 +25,6 @@ flags.DEFINE_integer("devices", 4, "Simulated CPU devices.")
 flags.DEFINE_integer("rounds", 40, "Rounds of 5 steps per UNet.")
 FLAGS = flags.FLAGS
 
-ROUND_STEPS = 5
-
 
 def main(argv):
   del argv
@@ -49,16 +47,12 @@ def main(argv):
 
   timers = {"ours": benchmark.FloorTimer(config, step),
             "diffusers 0.39 Flax": benchmark.FloorTimer(config, step, diffusers_predict)}
-  seconds = {name: [] for name in timers}
-  for timer in timers.values():
-    timer.time_steps(3)
-  for round_index in range(FLAGS.rounds):
-    # Each goes first in every other round, so that neither always runs after the other.
-    order = list(timers.items())[::1 if round_index % 2 == 0 else -1]
-    for name, timer in order:
-      seconds[name].extend(timer.time_steps(ROUND_STEPS))
+  # Each goes first in every other round, so that neither always runs after the other.
+  seconds = dict(zip(timers, benchmark.time_in_turns(list(timers.values()), 3, FLAGS.rounds,
+                                                     alternate=True)))
   ours = statistics.median(seconds["ours"])
-  print(f"{FLAGS.devices} devices, {FLAGS.rounds * (ROUND_STEPS - 1)} timed steps per UNet")
+  timed = FLAGS.rounds * (benchmark.ROUND_STEPS - 1)
+  print(f"{FLAGS.devices} devices, {timed} timed steps per UNet")
   print("| floor with | s/step | vs ours | GFLOP/step/device | fused kernels |")
   print("| --- | --- | --- | --- | --- |")
   for name, timer in timers.items():

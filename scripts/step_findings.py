@@ -27,8 +27,6 @@ flags.DEFINE_integer("rounds", 25, "Rounds of 5 steps per variant.")
 flags.DEFINE_integer("saves", 5, "Checkpoint saves timed per handler.")
 FLAGS = flags.FLAGS
 
-ROUND_STEPS = 5
-
 
 def main(argv):
   del argv
@@ -50,14 +48,10 @@ def main(argv):
   timers[benchmark.FLOOR] = benchmark.FloorTimer(config, timers["as configured"])
   all_reduces = {name: timer.compiled.as_text().count(" all-reduce(")
                  for name, timer in timers.items()}
-  seconds = {name: [] for name in timers}
-  for timer in timers.values():
-    timer.time_steps(3)
-  for _ in range(FLAGS.rounds):
-    for name, timer in timers.items():
-      seconds[name].extend(timer.time_steps(ROUND_STEPS))
+  seconds = dict(zip(timers, benchmark.time_in_turns(list(timers.values()), 3, FLAGS.rounds)))
   floor = statistics.median(seconds[benchmark.FLOOR])
-  print(f"{FLAGS.devices} devices, {FLAGS.rounds * (ROUND_STEPS - 1)} timed steps per variant")
+  timed = FLAGS.rounds * (benchmark.ROUND_STEPS - 1)
+  print(f"{FLAGS.devices} devices, {timed} timed steps per variant")
   print("| step | s/step | vs floor | all-reduces |\n| --- | --- | --- | --- |")
   for name, values in seconds.items():
     median = statistics.median(values)

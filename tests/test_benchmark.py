@@ -133,3 +133,24 @@ def test_the_loop_is_train_py_over_the_timed_steps_with_random_class_images(smal
   assert figures["loop_vs_step"] == figures["loop_seconds_per_step"] / figures["step_mean_seconds"]
   # The same step in a loop that also prefetches, logs and checkpoints: within a few times it.
   assert 0.3 < figures["loop_vs_step"] < 5
+
+
+def test_time_in_turns_can_reverse_the_order_every_other_round():
+  """scripts/floor_vs_diffusers.py: neither timer always runs after the other."""
+  calls = []
+
+  class Timer:
+    def __init__(self, name):
+      self.name = name
+
+    def time_steps(self, count):
+      calls.append((self.name, count))
+      return [len(calls)] * (count - 1)
+
+  a, b = Timer("a"), Timer("b")
+  durations = benchmark.time_in_turns([a, b], 2, 3, alternate=True)
+  steps = benchmark.ROUND_STEPS
+  assert calls == [("a", 2), ("b", 2), ("a", steps), ("b", steps), ("b", steps), ("a", steps),
+                   ("a", steps), ("b", steps)]
+  assert durations == [[3] * (steps - 1) + [6] * (steps - 1) + [7] * (steps - 1),
+                       [4] * (steps - 1) + [5] * (steps - 1) + [8] * (steps - 1)]
