@@ -113,13 +113,10 @@ def restore(manager: ocp.CheckpointManager, step: int, target: TrainState) -> Tr
                           "this trainer")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   named, treedef = _named_leaves(abstract)
-  if PACKED not in metadata.tree:  # written before the packing: the TrainState's own tree
-    stored = ocp.tree.to_flat_dict(metadata.tree)
-    _check_matches({".".join(keys): (ARRAYS, np.dtype(meta.dtype).name, tuple(meta.shape), 0)
-                    for keys, meta in stored.items()}, named, directory)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   layout = _stored_layout(metadata)
   _check_matches(layout, named, directory)
+  if PACKED not in metadata.tree:  # written before the packing: the TrainState's own tree
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   arrays = {name: leaf for name, leaf in named if layout[name][0] == ARRAYS}
   packed = {dtype: np.empty(meta.shape, dtype) for dtype, meta in metadata.tree[PACKED].items()}
   restored = manager.restore(step, args=ocp.args.StandardRestore({PACKED: packed,
@@ -153,7 +150,12 @@ def _save_args(state: TrainState) -> ocp.args.StandardSave:
   """The state as a checkpoint holds it: large leaves by name, the small ones packed, and the
   packed ones' names, dtypes and shapes (in packing order) as the item's custom metadata."""
   named, _ = _named_leaves(state)
-  small = [(name, leaf) for name, leaf in named if _is_packed(leaf)]
+  small, large = [], {}
+  for name, leaf in named:
+    if _is_packed(leaf):
+      small.append((name, leaf))
+    else:
+      large[name] = leaf
   for name, leaf in small:
     if isinstance(leaf, jax.Array) and not leaf.is_fully_replicated:
       raise ValueError(f"{name} has {leaf.size} elements but is not replicated: "
@@ -165,15 +167,18 @@ def _save_args(state: TrainState) -> ocp.args.StandardSave:
   for (_, leaf), value in zip(small, jax.device_get(local)):
     parts.setdefault(np.dtype(leaf.dtype).name, []).append(np.ravel(value))
   tree = {PACKED: {dtype: np.concatenate(values) for dtype, values in parts.items()},
-          ARRAYS: {name: leaf for name, leaf in named if not _is_packed(leaf)}}
+          ARRAYS: large}
   layout = [[name, np.dtype(leaf.dtype).name, list(leaf.shape)] for name, leaf in small]
   return ocp.args.StandardSave(tree, custom_metadata={PACKED: layout})
 
 
 def _stored_layout(metadata: Any) -> dict[str, tuple[str, str, tuple[int, ...], int]]:
-  """name -> (group, dtype, shape, start in its dtype's packed array) of each stored leaf."""
+  """name -> (group, dtype, shape, start in its dtype's packed array) of each stored leaf; in a
+  checkpoint from before the packing every leaf is an array of its own, named by its path."""
+  arrays = (metadata.tree.get(ARRAYS, {}) if PACKED in metadata.tree else
+            {".".join(keys): meta for keys, meta in ocp.tree.to_flat_dict(metadata.tree).items()})
   layout = {name: (ARRAYS, np.dtype(meta.dtype).name, tuple(meta.shape), 0)
-            for name, meta in metadata.tree.get(ARRAYS, {}).items()}
+            for name, meta in arrays.items()}
   starts = {}
   for name, dtype, shape in (metadata.custom_metadata or {}).get(PACKED, []):
     start = starts.get(dtype, 0)
