@@ -156,10 +156,12 @@ def _save_random(configs: dict, tokenizer: tokenizers.ClipTokenizer, out_dir: st
   return out_dir
 
 
-def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "epsilon") -> str:
-  """A random-init SD-shaped pipeline (32 px images), deterministic from `seed`."""
+def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "epsilon",
+                        unet_overrides: dict[str, Any] | None = None) -> str:
+  """A random-init SD-shaped pipeline (32 px images), deterministic from `seed`; benchmarks
+  swap in a larger UNet with `unet_overrides` (fields of TINY_UNET)."""
   tokenizer = tokenizers.build_word_tokenizer(TINY_WORDS, model_max_length=77)
-  configs = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": tiny_text_config(len(tokenizer)),
+  configs = {"unet": dict(TINY_UNET, **(unet_overrides or {})), "vae": TINY_VAE, "text_encoder": tiny_text_config(len(tokenizer)),
              "scheduler": dict(TINY_SCHEDULER, prediction_type=prediction_type)}
   return _save_random(configs, tokenizer, out_dir, seed)
 

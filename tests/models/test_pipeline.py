@@ -11,6 +11,7 @@ import types
 import jax
 import numpy as np
 import pytest
+import safetensors
 
 from configs import tiny as tiny_config
 from dreambooth_jax import models, sharding
@@ -41,6 +42,20 @@ def test_tiny_pipeline_is_deterministic(tmp_path, tiny):
   _, params = tiny
   rebuilt = models.load_pretrained(models.build_tiny_pipeline(str(tmp_path / "again")))[1]
   _flat_equal(rebuilt, params)
+
+
+def test_tiny_pipeline_takes_another_unet_for_benchmarks(tmp_path):
+  channels = [32, 64, 64]
+  directory = models.build_tiny_pipeline(
+      str(tmp_path / "wider"), unet_overrides=dict(
+          block_out_channels=channels, down_block_types=["CrossAttnDownBlock2D"] * 2
+          + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2))
+  assert pipeline.read_configs(directory)["unet"]["block_out_channels"] == channels
+  with safetensors.safe_open(os.path.join(directory, "unet", "diffusion_pytorch_model.safetensors"),
+                             "np") as f:
+    assert f.get_slice("conv_in.weight").get_shape() == [32, 4, 3, 3]
+    blocks = {".".join(key.split(".")[:3]) for key in f.keys() if key.startswith("down_blocks")}
+  assert "down_blocks.1.attentions" in blocks and "down_blocks.2.attentions" not in blocks
 
 
 def test_load_pretrained_components(tiny):
