@@ -53,6 +53,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("loop", False, "Also time train.py's loop over the same steps (on every "
                     "device present, a temporary workdir and random class images) and print "
                     "loop / step.")
+  flags.DEFINE_integer("loop_rounds", 1, "With --loop: loops run, each between two timings of "
+                       "the step; the median of their loop / step ratios is printed.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -281,17 +283,34 @@ def time_loop(config: ml_collections.ConfigDict, warmup_steps: int,
 
 
 def time_loop_and_step(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
-                       devices: list[jax.Device] | None = None) -> dict[str, Any]:
-  """The loop's mean s/step between two timings of the step alone (the mean of their means,
-  so that a drift in the machine's load falls on both alike); figures of the step."""
+                       devices: list[jax.Device] | None = None,
+                       rounds: int = 1) -> dict[str, Any]:
+  """The loop's mean s/step, `rounds` times, each between two timings of the step alone;
+  figures of the step. This machine's speed drifts by more than the loop's overhead between
+  runs, so each loop is set against the steps timed just before and after it (the mean of their
+  means) and the median of those ratios is reported."""
   timer = StepTimer(config, devices)
   timer.time_steps(warmup_steps)
-  before = timer.time_steps(timed_steps + 1)
-  loop = time_loop(config, warmup_steps, timed_steps)
-  after = timer.time_steps(timed_steps + 1)
-  step = (statistics.mean(before) + statistics.mean(after)) / 2
-  return {**timer.figures(statistics.median(before + after)), "step_mean_seconds": step,
-          "loop_seconds_per_step": loop, "loop_vs_step": loop / step}
+  steps = [timer.time_steps(timed_steps + 1)]
+  loops = []
+  for _ in range(rounds):
+    loops.append(time_loop(config, warmup_steps, timed_steps))
+    steps.append(timer.time_steps(timed_steps + 1))
+  step_means, ratios = loop_ratios(steps, loops)
+  return {**timer.figures(statistics.median(itertools.chain(*steps))),
+          "step_mean_seconds": statistics.median(step_means),
+          "loop_seconds_per_step": statistics.median(loops),
+          "loop_vs_step": statistics.median(ratios),
+          "loop_vs_step_each_round": " ".join(f"{ratio:.3f}" for ratio in ratios)}
+
+
+def loop_ratios(step_timings: list[list[float]], loop_seconds: list[float]
+                ) -> tuple[list[float], list[float]]:
+  """For loop i, timed between step_timings[i] and [i + 1]: the mean of those two timings'
+  means, and the loop's s/step over it."""
+  means = [statistics.mean(timings) for timings in step_timings]
+  brackets = [(before + after) / 2 for before, after in zip(means, means[1:])]
+  return brackets, [loop / step for loop, step in zip(loop_seconds, brackets)]
 
 
 def comparisons(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
@@ -370,8 +389,8 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if FLAGS.timed_steps < 1 or FLAGS.warmup_steps < 0:
-    raise app.UsageError("--timed_steps must be >= 1 and --warmup_steps >= 0")
+  if FLAGS.timed_steps < 1 or FLAGS.warmup_steps < 0 or FLAGS.loop_rounds < 1:
+    raise app.UsageError("--timed_steps and --loop_rounds must be >= 1 and --warmup_steps >= 0")
   config = FLAGS.config
   # Synthetic images are used: a config without photos (e.g. sd15.py) is benchmarked as is.
   config.data.instance_dir = config.data.instance_dir or demo_data.BUILTIN_DEMO_TOY
@@ -387,7 +406,8 @@ def main(argv):
       rows = compare(config, FLAGS.warmup_steps, FLAGS.timed_steps, devices)
       figures = rows[0]
     elif FLAGS.loop:
-      figures = time_loop_and_step(config, FLAGS.warmup_steps, FLAGS.timed_steps, devices)
+      figures = time_loop_and_step(config, FLAGS.warmup_steps, FLAGS.timed_steps, devices,
+                                   FLAGS.loop_rounds)
     else:
       figures = run(config, FLAGS.warmup_steps, FLAGS.timed_steps, devices)
   for name, value in figures.items():

@@ -7,8 +7,9 @@ steps per variant, taking turns, medians): the step as configured; the step fed 
 their row counts, so that its loss sums the masks over the devices between the forward and the
 backward pass (the step before the counts existed, its all-reduces counted); the floor. Then the
 CPU seconds of one checkpoint save of the tiny training state: every leaf an array of its own,
-with Orbax's per-array sharding file (its default) and without; and as we save it, the leaves
-below sharding.MIN_FSDP_SIZE elements packed into one array per dtype.
+with Orbax's per-array sharding file (its default) and without; the leaves below
+sharding.MIN_FSDP_SIZE elements packed into one array per dtype (the first packing); and as we
+save it, every leaf whole on each device and below checkpoints.PACK_MAX_SIZE elements packed.
 """
 
 import os
@@ -61,10 +62,18 @@ def main(argv):
   print(f"\ncheckpoint of the tiny training state ({len(jax.tree.leaves(state))} arrays, "
         f"{sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6:.1f} MB)")
   print("| save | CPU s per save (median) |\n| --- | --- |")
+  ours = checkpoints._is_packed  # pylint: disable=protected-access
+
+  def below_fsdp_size(leaf):  # the rule of commits d09c094 to 761dc0c
+    return (leaf.size < sharding.MIN_FSDP_SIZE
+            and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key))
+
   for name, sharding_file, packed in (
-      ("every leaf an array, with the sharding file (Orbax's default)", True, False),
-      ("every leaf an array, no sharding file", False, False),
-      ("small leaves packed, no sharding file (ours)", False, True)):
+      ("every leaf an array, with the sharding file (Orbax's default)", True, None),
+      ("every leaf an array, no sharding file", False, None),
+      ("leaves below MIN_FSDP_SIZE elements packed", False, below_fsdp_size),
+      ("whole leaves below PACK_MAX_SIZE elements packed (ours)", False, ours)):
+    checkpoints._is_packed = packed or ours  # pylint: disable=protected-access
     with tempfile.TemporaryDirectory() as workdir:
       manager = checkpoints.make_manager(workdir, 2)
       if sharding_file:

@@ -131,8 +131,17 @@ def test_the_loop_is_train_py_over_the_timed_steps_with_random_class_images(smal
   assert seen["class_images"] == [f"class_{i:05d}.png" for i in range(2)]
   assert not os.path.exists(seen["workdir"])
   assert figures["loop_vs_step"] == figures["loop_seconds_per_step"] / figures["step_mean_seconds"]
+  assert figures["loop_vs_step_each_round"] == f"{figures['loop_vs_step']:.3f}"
   # The same step in a loop that also prefetches, logs and checkpoints: within a few times it.
   assert 0.3 < figures["loop_vs_step"] < 5
+
+
+def test_each_loop_is_set_against_the_steps_timed_around_it():
+  """--loop_rounds: loop i against the mean of the step timings just before and after it."""
+  steps = [[1.0, 3.0], [3.0, 3.0], [4.0, 6.0]]  # means 2, 3, 5
+  brackets, ratios = benchmark.loop_ratios(steps, [2.75, 4.4])
+  assert brackets == [2.5, 4.0]
+  assert ratios == [1.1, 1.1]
 
 
 def test_time_in_turns_can_reverse_the_order_every_other_round():

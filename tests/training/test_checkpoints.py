@@ -1,7 +1,8 @@
-"""The checkpoint layout: large leaves by name, small ones packed per dtype; older checkpoints.
+"""The checkpoint layout: sharded or large leaves by name, the others packed per dtype; older
+checkpoints.
 
-States here are numpy trees laid out by sharding.state_shardings on a 2 x 4 (data x fsdp) mesh:
-nothing is compiled.
+States here are numpy trees, or put on 2 x 4 or 8 x 1 (data x fsdp) meshes of the simulated
+devices: nothing is compiled.
 """
 
 import os
@@ -42,10 +43,11 @@ def _assert_restored(restored: TrainState, state: TrainState, target: TrainState
     assert leaf.sharding == like.sharding
 
 
-def test_small_leaves_are_packed_per_dtype_and_large_ones_kept_by_name(tmp_path):
+def test_sharded_leaves_are_kept_by_name_and_whole_ones_packed_per_dtype(tmp_path):
   state = _state()
+  fsdp_mesh = sharding.make_mesh(data=2, fsdp=4)
   manager = checkpoints.make_manager(str(tmp_path), 2)
-  checkpoints.save(manager, state)
+  checkpoints.save(manager, sharding.put_state(state, fsdp_mesh))
   checkpoints.wait(manager)
   saved = manager.item_metadata(7).tree
   # 128 bias + 2 x 128 moments of it; the bf16 scale and its moments; 4 int32 scalars; the key.
@@ -59,12 +61,29 @@ def test_small_leaves_are_packed_per_dtype_and_large_ones_kept_by_name(tmp_path)
   assert len(layout) == 11  # 4 int32 scalars, the key, 2 x 3 bias and scale entries
   assert "_sharding" not in os.listdir(tmp_path / "checkpoints" / "7" / "default")
 
-  mesh = sharding.make_mesh(data=2, fsdp=4)
-  target = _target(state, mesh)
-  assert target.params["unet"]["conv"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
-      None, None, None, sharding.FSDP_AXIS)
+  target = _target(state, sharding.make_mesh(data=8, fsdp=1))
   restored = checkpoints.restore_latest(checkpoints.make_manager(str(tmp_path), 2), target)
   _assert_restored(restored, state, target)
+
+
+def test_a_replicated_state_packs_every_leaf_below_the_size_bound(tmp_path):
+  """On a data-parallel mesh every leaf is whole on each device: all but those of
+  PACK_MAX_SIZE elements or more go into the packed arrays, whatever their size class."""
+  large = (4, 4, 128, 128)  # 2**18 elements: the first size kept as an array
+  for kernel_shape, arrays in (((3, 3, 64, 128), []), (large, ["opt_state.0.mu.unet.conv.kernel",
+                               "opt_state.0.nu.unet.conv.kernel", "params.unet.conv.kernel"])):
+    state = _state(kernel_shape)
+    manager = checkpoints.make_manager(str(tmp_path / str(kernel_shape[0])), 2)
+    checkpoints.save(manager, sharding.put_state(state, sharding.make_mesh(data=8, fsdp=1)))
+    checkpoints.wait(manager)
+    saved = manager.item_metadata(7).tree
+    assert sorted(saved["arrays"]) == arrays
+    packed_kernels = 0 if arrays else 3 * 3 * 3 * 64 * 128
+    assert tuple(saved["packed"]["float32"].shape) == (3 * 128 + packed_kernels,)
+
+    fsdp_target = _target(state, sharding.make_mesh(data=2, fsdp=4))
+    assert sharding.FSDP_AXIS in fsdp_target.params["unet"]["conv"]["kernel"].sharding.spec
+    _assert_restored(checkpoints.restore_latest(manager, fsdp_target), state, fsdp_target)
 
 
 def test_a_checkpoint_written_before_the_packing_restores(tmp_path):
