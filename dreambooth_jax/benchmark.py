@@ -248,9 +248,10 @@ def run(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
 
 
 def time_loop(config: ml_collections.ConfigDict, warmup_steps: int,
-              timed_steps: int) -> float:
+              timed_steps: int) -> tuple[float, float | None]:
   """Mean s/step of train.train_and_evaluate's loop over `timed_steps` after `warmup_steps`
-  (each rounded up to whole log intervals), from its own metrics.jsonl.
+  (each rounded up to whole log intervals), from its own metrics.jsonl; and what a checkpoint
+  save adds to the log interval it falls in (checkpoint_seconds), None without one.
 
   Each logged row's steps_per_sec covers the wall time since the previous row: the step, the
   batches' prefetching, the metrics pulled every log step, the progress bar and the checkpoints
@@ -278,8 +279,25 @@ def time_loop(config: ml_collections.ConfigDict, warmup_steps: int,
     train.train_and_evaluate(variant, os.path.join(workdir, "run"))
     with open(os.path.join(workdir, "run", "metrics.jsonl")) as f:
       rows = [json.loads(line) for line in f]
-  intervals = [every / row["steps_per_sec"] for row in rows if row["step"] > warmup]
-  return sum(intervals) / timed
+  intervals = {row["step"]: every / row["steps_per_sec"] for row in rows if row["step"] > warmup}
+  return (sum(intervals.values()) / timed,
+          checkpoint_seconds(intervals, every, config.checkpoint.every_steps))
+
+
+def checkpoint_seconds(intervals: dict[int, float], log_every: int,
+                       checkpoint_every: int) -> float | None:
+  """The mean of the log intervals that hold a save less the median of those that do not.
+
+  A loop's speed drifts by more than a save costs between runs, but hardly within one. The
+  interval logged at step e holds the saves after steps e - log_every to e - 1 (a save follows
+  its step's metrics row)."""
+  def holds_a_save(end: int) -> bool:
+    return any(step and step % checkpoint_every == 0 for step in range(end - log_every, end))
+  with_save = [seconds for end, seconds in intervals.items() if holds_a_save(end)]
+  without = [seconds for end, seconds in intervals.items() if not holds_a_save(end)]
+  if not with_save or not without:
+    return None
+  return statistics.mean(with_save) - statistics.median(without)
 
 
 def time_loop_and_step(config: ml_collections.ConfigDict, warmup_steps: int, timed_steps: int,
@@ -292,16 +310,19 @@ def time_loop_and_step(config: ml_collections.ConfigDict, warmup_steps: int, tim
   timer = StepTimer(config, devices)
   timer.time_steps(warmup_steps)
   steps = [timer.time_steps(timed_steps + 1)]
-  loops = []
+  loops, saves = [], []
   for _ in range(rounds):
-    loops.append(time_loop(config, warmup_steps, timed_steps))
+    seconds_per_step, save_seconds = time_loop(config, warmup_steps, timed_steps)
+    loops.append(seconds_per_step)
+    saves += [save_seconds] if save_seconds is not None else []
     steps.append(timer.time_steps(timed_steps + 1))
   step_means, ratios = loop_ratios(steps, loops)
   return {**timer.figures(statistics.median(itertools.chain(*steps))),
           "step_mean_seconds": statistics.median(step_means),
           "loop_seconds_per_step": statistics.median(loops),
           "loop_vs_step": statistics.median(ratios),
-          "loop_vs_step_each_round": " ".join(f"{ratio:.3f}" for ratio in ratios)}
+          "loop_vs_step_each_round": " ".join(f"{ratio:.3f}" for ratio in ratios),
+          "loop_seconds_per_checkpoint": statistics.median(saves) if saves else None}
 
 
 def loop_ratios(step_timings: list[list[float]], loop_seconds: list[float]

@@ -144,6 +144,15 @@ def test_each_loop_is_set_against_the_steps_timed_around_it():
   assert ratios == [1.1, 1.1]
 
 
+def test_a_saves_cost_is_its_log_intervals_excess_over_the_others():
+  """Rows every 5 steps, saves after steps 10 and 20: in the intervals logged at 15 and 25."""
+  intervals = {10: 1.0, 15: 1.5, 20: 1.2, 25: 1.7, 30: 1.0}
+  assert benchmark.checkpoint_seconds(intervals, 5, 10) == pytest.approx(1.6 - 1.0)
+  # Saves after steps 12 and 24 (not log steps): in the intervals logged at 15 and 25.
+  assert benchmark.checkpoint_seconds(intervals, 5, 12) == pytest.approx(1.6 - 1.0)
+  assert benchmark.checkpoint_seconds(intervals, 5, 1000) is None
+
+
 def test_time_in_turns_can_reverse_the_order_every_other_round():
   """scripts/floor_vs_diffusers.py: neither timer always runs after the other."""
   calls = []
