@@ -412,6 +412,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.timed_steps < 1 or FLAGS.warmup_steps < 0 or FLAGS.loop_rounds < 1:
     raise app.UsageError("--timed_steps and --loop_rounds must be >= 1 and --warmup_steps >= 0")
+  if FLAGS.loop_rounds != 1 and not FLAGS.loop:
+    raise app.UsageError("--loop_rounds counts loops: give it with --loop")
   config = FLAGS.config
   # Synthetic images are used: a config without photos (e.g. sd15.py) is benchmarked as is.
   config.data.instance_dir = config.data.instance_dir or demo_data.BUILTIN_DEMO_TOY

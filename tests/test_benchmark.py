@@ -1,6 +1,8 @@
 """The benchmark measures the real train step: figures present, consistent and positive."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -172,3 +174,13 @@ def test_time_in_turns_can_reverse_the_order_every_other_round():
                    ("a", steps), ("b", steps)]
   assert durations == [[3] * (steps - 1) + [6] * (steps - 1) + [7] * (steps - 1),
                        [4] * (steps - 1) + [5] * (steps - 1) + [8] * (steps - 1)]
+
+
+def test_loop_rounds_without_loop_is_refused_in_one_line():
+  result = subprocess.run(
+      [sys.executable, "-m", "dreambooth_jax.benchmark", "--config=configs/tiny.py",
+       "--loop_rounds=3"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 1
+  assert "--loop_rounds counts loops: give it with --loop" in result.stderr
+  assert "Traceback" not in result.stderr

@@ -53,7 +53,7 @@ def test_tiny_pipeline_takes_another_unet_for_benchmarks(tmp_path):
   assert pipeline.read_configs(directory)["unet"]["block_out_channels"] == channels
   with safetensors.safe_open(os.path.join(directory, "unet", "diffusion_pytorch_model.safetensors"),
                              "np") as f:
-    assert f.get_slice("conv_in.weight").get_shape() == [32, 4, 3, 3]
+    assert f.get_slice("down_blocks.2.resnets.0.conv1.weight").get_shape() == [64, 64, 3, 3]
     blocks = {".".join(key.split(".")[:3]) for key in f.keys() if key.startswith("down_blocks")}
   assert "down_blocks.1.attentions" in blocks and "down_blocks.2.attentions" not in blocks
 

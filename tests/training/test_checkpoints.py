@@ -105,8 +105,9 @@ def _renamed_norm(state: TrainState) -> TrainState:
 
 
 @pytest.mark.parametrize("other, message", [
-    (_state(kernel_shape=(3, 3, 64, 256)),
-     r"params\.unet\.conv\.kernel is float32\[3, 3, 64, 256\] there, "
+    # 2**19 elements: kept by name, as every leaf of PACK_MAX_SIZE or more is.
+    (_state(kernel_shape=(4, 4, 128, 256)),
+     r"params\.unet\.conv\.kernel is float32\[4, 4, 128, 256\] there, "
      r"float32\[3, 3, 64, 128\] here"),
     # Same shapes, sizes and tree order of the packed leaves; only a name differs.
     (_renamed_norm(_state()), r"params\.unet\.norm\.scale is missing there, bfloat16\[64\] here"),
@@ -115,6 +116,10 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_leaf(tmp_path, othe
   manager = checkpoints.make_manager(str(tmp_path), 2)
   checkpoints.save(manager, other)
   checkpoints.wait(manager)
+  kept = sorted(manager.item_metadata(7).tree["arrays"])
+  assert kept == (["opt_state.0.mu.unet.conv.kernel", "opt_state.0.nu.unet.conv.kernel",
+                   "params.unet.conv.kernel"] if other.params["unet"]["conv"]["kernel"].size
+                  >= checkpoints.PACK_MAX_SIZE else [])
   target = _target(_state(), sharding.make_mesh(data=8, fsdp=1))
   with pytest.raises(CheckpointError, match="does not match the state being trained: " + message):
     checkpoints.restore_latest(manager, target)
