@@ -1,7 +1,7 @@
 """Our UNet's floor against diffusers 0.39's Flax UNet on the same weights (issue 22).
 
   python scripts/floor_vs_diffusers.py [--devices=4] [--rounds=40] [--config=configs/tiny.py]
-      [--config.train.batch_size=4 ...]
+      [--config.train.batch_size=4 ...] [--unet_channels=64,128,128]
 
 The floor (benchmark.FloorTimer: the UNet's forward and backward pass and AdamW on the step's
 rows, mesh, dtypes and donation) of a config (configs/tiny.py unless --config names another,
@@ -36,15 +36,14 @@ flags.DEFINE_list("unet_channels", [], "Block channels of a random UNet to time 
 FLAGS = flags.FLAGS
 
 
-def unet_pipeline(channels: list[int]) -> str:
-  """The tiny pipeline with a UNet of these block channels, in a temporary folder."""
+def unet_pipeline(channels: list[int], out_dir: str) -> str:
+  """The tiny pipeline with a UNet of these block channels, written to out_dir."""
   from dreambooth_jax.models import builtin  # pylint: disable=g-import-not-at-top
   attention_blocks = len(channels) - 1
   unet = dict(block_out_channels=channels,
               down_block_types=["CrossAttnDownBlock2D"] * attention_blocks + ["DownBlock2D"],
               up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * attention_blocks)
-  return builtin.build_tiny_pipeline(tempfile.mkdtemp(prefix="floor_unet_"),
-                                     unet_overrides=unet)
+  return builtin.build_tiny_pipeline(out_dir, unet_overrides=unet)
 
 
 def main(argv):
@@ -57,9 +56,11 @@ def main(argv):
   from dreambooth_jax.models import pipeline  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
-  if FLAGS.unet_channels:
-    config.unlock().model.pretrained = unet_pipeline([int(c) for c in FLAGS.unet_channels])
-  step = benchmark.StepTimer(config, devices)
+  with tempfile.TemporaryDirectory() as scratch:  # read once, when the step timer loads it
+    if FLAGS.unet_channels:
+      config.unlock().model.pretrained = unet_pipeline([int(c) for c in FLAGS.unet_channels],
+                                                       os.path.join(scratch, "pipeline"))
+    step = benchmark.StepTimer(config, devices)
   theirs = diffusers.FlaxUNet2DConditionModel.from_config(
       pipeline.torch_config("unet", step.components.configs["unet"]))
 

@@ -161,7 +161,8 @@ def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "eps
   """A random-init SD-shaped pipeline (32 px images), deterministic from `seed`; benchmarks
   swap in a larger UNet with `unet_overrides` (fields of TINY_UNET)."""
   tokenizer = tokenizers.build_word_tokenizer(TINY_WORDS, model_max_length=77)
-  configs = {"unet": dict(TINY_UNET, **(unet_overrides or {})), "vae": TINY_VAE, "text_encoder": tiny_text_config(len(tokenizer)),
+  configs = {"unet": dict(TINY_UNET, **(unet_overrides or {})), "vae": TINY_VAE,
+             "text_encoder": tiny_text_config(len(tokenizer)),
              "scheduler": dict(TINY_SCHEDULER, prediction_type=prediction_type)}
   return _save_random(configs, tokenizer, out_dir, seed)
 

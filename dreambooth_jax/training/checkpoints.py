@@ -138,8 +138,8 @@ def restore(manager: ocp.CheckpointManager, step: int, target: TrainState) -> Tr
 
 def _is_packed(leaf: Any) -> bool:
   """Whole on every device (so one local copy is all of it) and below PACK_MAX_SIZE elements,
-  so that no large weight is copied once more on the host (SD 1.5's packed leaves: 92 MB). (Typed PRNG keys have no numpy dtype: Orbax
-  saves them as they are.)"""
+  so that no large weight is copied once more on the host (SD 1.5's packed leaves: 92 MB).
+  (Typed PRNG keys have no numpy dtype: Orbax saves them as they are.)"""
   return ((not isinstance(leaf, jax.Array) or leaf.is_fully_replicated)
           and math.prod(leaf.shape) < PACK_MAX_SIZE
           and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key))
@@ -160,8 +160,9 @@ def _leaf_names(treedef: Any) -> tuple[str, ...]:
 
 
 def _save_args(state: TrainState) -> ocp.args.StandardSave:
-  """The state as a checkpoint holds it: large leaves by name, the small ones packed, and the
-  packed ones' names, dtypes and shapes (in packing order) as the item's custom metadata."""
+  """The state as a checkpoint holds it: the leaves _is_packed picks packed per dtype, the
+  others by name, and the packed ones' names, dtypes and shapes (in packing order) as the
+  item's custom metadata."""
   named, _ = _named_leaves(state)
   small, large = [], {}
   for name, leaf in named:
